@@ -1,0 +1,5 @@
+PY ?= python3
+
+.PHONY: test demo reproduce bench
+test:
+	$(PY) -m pytest -q tests
