@@ -1,0 +1,216 @@
+"""The decoder network: one readable file for Llama, Qwen2/2.5 and Qwen3 checkpoints.
+
+Module and parameter names mirror Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...) so
+checkpoints load without renaming and LoRA adapters save under PEFT's key names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, cast back, then scale: the order transformers uses (matters in bf16).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> Tensor:
+    """Inverse RoPE frequencies (fp32), with Llama-3's frequency-dependent scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    mixed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(medium, mixed, scaled)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values, one [B, n_kv_heads, S, head_dim] pair per layer."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        z = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        return cls([z() for _ in range(cfg.num_layers)], [z() for _ in range(cfg.num_layers)])
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    def select(self, rows: Tensor) -> "KVCache":
+        """A new cache holding the given rows (repeats allowed: copy a prompt's cache to N samples)."""
+        return KVCache([t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: tuple[Tensor, Tensor] | None = None, write_idx: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:  # write this chunk at `write_idx`, then attend over the first S slots
+            cache[0].index_copy_(2, write_idx, k)
+            cache[1].index_copy_(2, write_idx, v)
+            k, v = cache[0][:, :, : mask.shape[-1]], cache[1][:, :, : mask.shape[-1]]
+        out = attend(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Grouped-query attention. mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+    B, H, T, D = q.shape
+    g = H // k.shape[1]
+    if T == 1:  # decode: group query heads per KV head so the cache is read once, not copied g times
+        qg = q.view(B, k.shape[1], g, D)
+        s = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))
+        s = s.masked_fill(~mask, float("-inf"))
+        return torch.matmul(s.softmax(-1).to(v.dtype), v).view(B, H, 1, D)
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, write_idx=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, write_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """bool [B, 1, T, T]: causal and not padding. A padded query may see itself, so no row is empty
+    (an all-masked row would turn into NaN and leak through the attention matmul)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    keep = causal & attention_mask.bool()[:, None, :]
+    return (keep | torch.eye(T, dtype=torch.bool, device=attention_mask.device))[:, None]
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Left-padded rows count positions from their first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE buffer on the model's device (after meta-device construction)."""
+        self.inv_freq = rope_inv_freq(self.config, self.model.norm.weight.device)
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2], fp32 like transformers
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def run(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None,
+            cache: KVCache | None = None, write_idx: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states for explicit positions / mask / cache (the generator's entry)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, write_idx, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv, write_idx)
+        return self.model.norm(x)
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states [B, T, H] (the lm_head input), for fused losses."""
+        if attention_mask is None or bool(attention_mask.all()):
+            T = input_ids.shape[1]
+            pos = torch.arange(T, device=input_ids.device).expand(input_ids.shape[0], T)
+            return self.run(input_ids, pos, None)
+        return self.run(input_ids, positions_from_mask(attention_mask), padding_mask(attention_mask))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.hidden(input_ids, attention_mask))
