@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from scaffold.jsonio import load_json, save_json_atomic
+from eval.files import atomic_write_json, read_json
 
 WIKIDATA_API = "https://www.wikidata.org/w/api.php"
 CONTACT_ENV = "CODE_EDIT_CONTACT"
@@ -324,7 +324,7 @@ def ground(cases: list[dict], grounding_file: str, client: WikidataClient, *,
     Returns (grounding, missing QIDs). Missing entities are reported, not stored, so the file keeps
     the reference's QID -> record format.
     """
-    grounding = load_json(grounding_file, default={})
+    grounding = read_json(grounding_file, "grounding file") if os.path.exists(grounding_file) else {}
     if not isinstance(grounding, dict):
         raise ValueError(f"{grounding_file}: expected a JSON object QID -> record")
     todo = [q for q in collect_entity_ids(cases, source) if q not in grounding]
@@ -341,7 +341,7 @@ def ground(cases: list[dict], grounding_file: str, client: WikidataClient, *,
             records, gone = client.fetch_records(chunk)
             grounding.update(records)
             missing += gone
-            save_json_atomic(grounding_file, grounding)
+            atomic_write_json(grounding_file, grounding)
             bar.update(len(chunk))
     finally:
         bar.close()
