@@ -337,3 +337,14 @@ def test_cli_bad_input_names_the_file(tmp_path, capsys):
                "--generate_model_name", "gen", "--no_progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.json" in err and "case_id 5" in err
+
+
+def test_bundled_reference_format_articles_count_as_done(chat, tmp_path):
+    dev = json.loads((DATA.parent / "MQuAKE-hard_articles_dev.json").read_text())
+    out = tmp_path / "articles.json"
+    out.write_text(json.dumps(dev))
+    ids = {v["case_id"] for v in dev.values()}
+    cases = [c for c in json.loads(DATA.read_text()) if c["case_id"] in ids]
+    articles, failures = generate_articles(plan_rewrites(cases, None), str(out), *clients(chat),
+                                           ArticleConfig(**FAST), progress=False)
+    assert chat.calls == [] and failures == {} and articles == dev  # nothing regenerated
