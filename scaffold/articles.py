@@ -48,6 +48,10 @@ class ArticleConfig:
     max_tokens: int | None = None  # sent to both models when set; None = the server's default
     max_workers: int = 1          # rewrites generated concurrently
 
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.verifications < 1 or self.max_workers < 1:
+            raise ValueError("max_attempts, verifications and max_workers must be at least 1")
+
 
 @dataclass
 class Rewrite:
