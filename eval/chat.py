@@ -123,26 +123,8 @@ class ChatClient:
                         status=last.status, retryable=True)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], max_workers: int) -> Iterator[tuple[Any, Any]]:
-        """Run fn(item) on a bounded thread pool and yield (item, result or exception) as each
-        finishes. At most 2 x max_workers items are in flight, so huge inputs stay cheap."""
-        max_workers = max(1, int(max_workers))
-        it = iter(items)
-        with cf.ThreadPoolExecutor(max_workers=max_workers) as pool:
-            pending: dict[cf.Future, Any] = {}
-            try:
-                while True:
-                    for item in itertools.islice(it, 2 * max_workers - len(pending)):
-                        pending[pool.submit(fn, item)] = item
-                    if not pending:
-                        return
-                    done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                    for fut in done:
-                        item = pending.pop(fut)
-                        exc = fut.exception()
-                        yield item, (exc if exc is not None else fut.result())
-            finally:
-                for fut in pending:  # consumer stopped early: drop what has not started
-                    fut.cancel()
+        """Run fn(item) on a bounded thread pool; yield (item, result or exception) as each finishes."""
+        return bounded_map(fn, items, max_workers)
 
     # ------------------------------------------------------------------ internals
 
@@ -209,6 +191,29 @@ class ChatClient:
         for k in self.api_keys:
             text = text.replace(k, "***")
         return _KEYLIKE.sub("***", text)
+
+
+def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], max_workers: int) -> Iterator[tuple[Any, Any]]:
+    """Run fn(item) on a thread pool and yield (item, result or exception) as each finishes. At most
+    2 x max_workers items are in flight, so huge inputs stay cheap; stopping early cancels the rest."""
+    max_workers = max(1, int(max_workers))
+    it = iter(items)
+    with cf.ThreadPoolExecutor(max_workers=max_workers) as pool:
+        pending: dict[cf.Future, Any] = {}
+        try:
+            while True:
+                for item in itertools.islice(it, 2 * max_workers - len(pending)):
+                    pending[pool.submit(fn, item)] = item
+                if not pending:
+                    return
+                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    item = pending.pop(fut)
+                    exc = fut.exception()
+                    yield item, (exc if exc is not None else fut.result())
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 class _Retry(Exception):

@@ -1,0 +1,106 @@
+"""Command line: `python -m eval judge | analyze | extract-ce | serve` (flags of METHOD.md 7.2).
+Judging uses an OpenAI-compatible endpoint when a key or --base-url is given, else the rule-based judge."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .chat import ChatError
+
+
+def _on_off(value: str) -> bool:
+    v = value.lower()
+    if v not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+    return v == "on"
+
+
+def _judge_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("judge endpoint (no key and no --base-url: offline rule-based judge)")
+    g.add_argument("--judge-model", default=None, help="model name (default deepseek-v4-flash)")
+    g.add_argument("--base-url", default=None,
+                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default https://api.deepseek.com "
+                        "when a key is set)")
+    g.add_argument("--api-key-file", default=None,
+                   help="file with one API key per line; else $CODE_EDIT_API_KEYS (comma-separated) or $OPENAI_API_KEY")
+    g.add_argument("--max-workers", type=int, default=None, help="parallel requests (default 16 per key)")
+    g.add_argument("--rule-based", action="store_true", help="use the offline rule-based judge even if a key is set")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--max-retries", type=int, default=6, help="retries per request on 429/5xx/timeouts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    j = sub.add_parser("judge", help="PASS/FAIL-judge hop-wise and multi-hop answers; H-Acc and M-Acc")
+    j.add_argument("--input", required=True, help="<run>/metrics.json")
+    j.add_argument("--summary", default=None, help="summary path (default <run>/judge/metrics.judged.summary.json)")
+    _judge_flags(j)
+
+    a = sub.add_parser("analyze", help="self-refutation (SRR), rationale alignment, CE comparison")
+    a.add_argument("--input", required=True, help="<run>/metrics.json")
+    a.add_argument("--output", default=None, help="report path (default <run>/analysis/pred_analysis.txt)")
+    a.add_argument("--llm-self-refute", type=_on_off, default=False,
+                   help="on: judge self-refutation with the LLM endpoint; off (default): rule-based")
+    a.add_argument("--llm-checkpoint", default=None, help="self-refutation checkpoint JSONL path")
+    a.add_argument("--rewrite-why", type=_on_off, default=False, help="on: rationale alignment of Why? answers")
+    a.add_argument("--llm-resume", type=_on_off, default=True, help="reuse checkpointed verdicts (default on)")
+    _judge_flags(a)
+
+    e = sub.add_parser("extract-ce", help="write <run>_only_causal_enhanced/metrics.json from the CE probes")
+    e.add_argument("--input", required=True, help="<run>/metrics.json")
+
+    s = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions server over a local model")
+    s.add_argument("--model", required=True, help="HF directory, hub id, .gguf path or smollm2-135m-instruct")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-new-tokens", type=int, default=1024, help="default when a request sets no max_tokens")
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    return ap
+
+
+def _backend(args: argparse.Namespace, *, llm: bool = True):
+    from .judge import make_backend
+    return make_backend(base_url=args.base_url, judge_model=args.judge_model, api_key_file=args.api_key_file,
+                        rule_based=args.rule_based or not llm, max_workers=args.max_workers,
+                        timeout=args.timeout, max_retries=args.max_retries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "judge":
+            from .judge import run_judge, summary_lines
+            backend = _backend(args)
+            print(f"judge: {backend.label}", file=sys.stderr)
+            summary = run_judge(args.input, backend, summary_path=args.summary)
+            print("\n".join(summary_lines(summary)))
+        elif args.cmd == "analyze":
+            from .analyze import report_lines, run_analyze
+            backend = _backend(args, llm=args.llm_self_refute)
+            why = _backend(args) if args.rewrite_why else None
+            if (args.llm_self_refute and backend.client is None) or (why is not None and why.client is None):
+                print("no API key and no --base-url: using the rule-based judge (outputs labelled rule-based)",
+                      file=sys.stderr)
+            res = run_analyze(args.input, backend, output=args.output, checkpoint=args.llm_checkpoint,
+                              resume=args.llm_resume, rewrite_why=why)
+            print("\n".join(report_lines(res)))
+        elif args.cmd == "extract-ce":
+            from .analyze import extract_ce
+            print(extract_ce(args.input))
+        elif args.cmd == "serve":
+            from .serve import serve
+            serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens,
+                  device=args.device, dtype=args.dtype)
+    except (ChatError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
