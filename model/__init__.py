@@ -5,3 +5,6 @@ from .load import load_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["ModelConfig", "KVCache", "Transformer", "load_model", "Tokenizer", "load_tokenizer"]
+from .generate import Completion, generate  # noqa: E402
+
+__all__ += ["Completion", "generate"]

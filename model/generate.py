@@ -1,0 +1,344 @@
+"""Batched KV-cache sampling: the rollout engine for candidates, distillation rollouts and evaluation.
+
+Prompts are left-padded into a static, preallocated cache; each prompt is prefilled once and its cache
+copied to its `num_samples` rows; finished rows are compacted away; on CUDA the decode step runs as a
+replayed CUDA graph (optionally compiled), and nothing syncs with the host except every `SYNC_EVERY` steps.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .decoder import KVCache, Transformer, padding_mask, positions_from_mask
+
+SYNC_EVERY = 16  # decode steps between host checks (all done? compact?)
+PREFILL_TOKENS = 16384  # padded prompt tokens per prefill chunk
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]  # includes the stop token when finish_reason == "stop"
+    logprobs: list[float]  # log p(token) under the model's raw (unprocessed, T=1) distribution
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+
+def process_logits(logits: Tensor, p: SamplingParams, seen: Tensor | None) -> Tensor:
+    """transformers' processor order: repetition penalty, temperature, top-k, top-p (fp32 in, fp32 out)."""
+    if p.repetition_penalty != 1.0 and seen is not None:
+        pen = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    if p.temperature <= 0:
+        return logits
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = logits.topk(p.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        srt, idx = logits.sort(dim=-1)
+        drop = srt.softmax(-1).cumsum(-1) <= 1 - p.top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
+    if p.temperature <= 0:
+        return logits.argmax(-1)
+    # argmax(p / E) with E ~ Exp(1) draws from p exactly, with no host sync (unlike multinomial).
+    noise = torch.empty_like(logits).exponential_(generator=gen)
+    return (logits.softmax(-1) / noise).argmax(-1)
+
+
+def _state_key(model: Transformer) -> tuple:
+    # Graphs bake in tensor addresses and Python flags: any new parameter or LoRA switch needs a new graph.
+    flags = tuple(getattr(m, "lora_enabled", None) for m in model.modules() if hasattr(m, "lora_enabled"))
+    return tuple(p.data_ptr() for p in model.parameters()) + flags
+
+
+def _decode_forward(model: Transformer, tok: Tensor, pos: Tensor, mask: Tensor, cache: KVCache,
+                    write_idx: Tensor) -> Tensor:
+    h = model.run(tok[:, None], pos[:, None], mask, cache, write_idx)
+    return model.lm_head(h[:, -1]).float()
+
+
+@dataclass
+class _Engine:
+    """Per-model state kept between calls on CUDA: the static cache and the graphs that point into it."""
+
+    cache: KVCache | None = None
+    graphs: dict = field(default_factory=dict)
+    pool: object = None
+    compiled: object = None
+
+    def release(self):
+        self.cache, self.graphs, self.pool = None, {}, None
+
+
+def release(model: Transformer) -> None:
+    """Free the generation cache and CUDA graphs kept on `model` (call before memory-hungry training)."""
+    eng = getattr(model, "_gen_engine", None)
+    if eng is not None:
+        eng.release()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _engine(model: Transformer) -> _Engine:
+    if getattr(model, "_gen_engine", None) is None:
+        model._gen_engine = _Engine()
+    return model._gen_engine
+
+
+def _use_compile() -> bool:
+    return os.environ.get("CODE_EDIT_COMPILE", "1") != "0"
+
+
+def _use_graphs() -> bool:
+    return os.environ.get("CODE_EDIT_CUDA_GRAPHS", "1") != "0"
+
+
+class _Decoder:
+    """Runs one decode step, through a CUDA graph when on CUDA, else eagerly."""
+
+    def __init__(self, model: Transformer, cache: KVCache, S: int):
+        self.model, self.cache, self.S = model, cache, S
+        self.cuda = cache.k[0].is_cuda and _use_graphs()
+        self.eng = _engine(model) if self.cuda else None
+        self.fwd = _decode_forward
+        if self.cuda and _use_compile():
+            if self.eng.compiled is None:
+                # LoRA on/off and batch buckets each add a compiled variant; allow more than the default 8.
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+                self.eng.compiled = torch.compile(_decode_forward, fullgraph=False, dynamic=None)
+            self.fwd = self.eng.compiled
+
+    def view(self, B: int) -> KVCache:
+        return KVCache([t[:B, :, : self.S] for t in self.cache.k], [t[:B, :, : self.S] for t in self.cache.v])
+
+    def __call__(self, tok: Tensor, pos: Tensor, mask: Tensor, write_idx: Tensor) -> Tensor:
+        B = tok.shape[0]
+        if not self.cuda:
+            return self.fwd(self.model, tok, pos, mask, self.view(B), write_idx)
+        key = (B, self.S, _state_key(self.model))
+        g = self.eng.graphs.get(key)
+        if g is None:
+            g = self._capture(B, tok, pos, mask, write_idx)
+            self.eng.graphs[key] = g
+        graph, (s_tok, s_pos, s_mask, s_w), out = g
+        s_tok.copy_(tok), s_pos.copy_(pos), s_mask.copy_(mask), s_w.copy_(write_idx)
+        graph.replay()
+        return out
+
+    def _capture(self, B, tok, pos, mask, write_idx):
+        static = (tok.clone(), pos.clone(), mask.clone(), write_idx.clone())
+        cache = self.view(B)
+        # Warm up on a side stream (compilation, cuBLAS handles), as CUDA graph capture requires.
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self.fwd(self.model, *static[:3], cache, static[3])
+        torch.cuda.current_stream().wait_stream(s)
+        if self.eng.pool is None:
+            self.eng.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.eng.pool):
+            out = self.fwd(self.model, *static[:3], cache, static[3])
+        return graph, static, out
+
+
+def _plan_rows(model: Transformer, S: int, n_rows: int, max_batch: int | None) -> int:
+    """How many sequences fit at once: the KV cache sized from free GPU memory, a fixed cap on CPU."""
+    if max_batch:
+        return max(1, min(n_rows, max_batch))
+    cfg = model.config
+    p = model.lm_head.weight
+    if p.device.type != "cuda":
+        return max(1, min(n_rows, 64))
+    per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * S * p.element_size()
+    per_row += cfg.vocab_size * 4 * 6  # fp32 logits, processed logits, sort buffers, noise
+    free, _ = torch.cuda.mem_get_info()
+    eng = getattr(model, "_gen_engine", None)
+    if eng is not None and eng.cache is not None:  # the kept cache can be reused, count it as free
+        free += sum(t.numel() * t.element_size() for t in eng.cache.k + eng.cache.v)
+    budget = 0.85 * free - 2 * 1024**3  # headroom for prefill activations and the graph pool
+    return max(1, min(n_rows, int(budget // per_row), 1024))
+
+
+def _get_cache(model: Transformer, B: int, S: int, dtype, device) -> KVCache:
+    if device.type != "cuda":
+        return KVCache.empty(model.config, B, S, dtype, device)
+    eng = _engine(model)
+    c = eng.cache
+    if c is None or c.batch < B or c.length < S:
+        eng.release()
+        torch.cuda.empty_cache()
+        # Round up so nearby shapes reuse the cache and its graphs.
+        eng.cache = KVCache.empty(model.config, B, 64 * math.ceil(S / 64), dtype, device)
+    return eng.cache
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, num_samples: int = 1,
+             stop_ids: list[int] | None = None, seed: int | None = None,
+             max_batch: int | None = None) -> list[Completion]:
+    """Sample `num_samples` completions for each prompt (token-id lists); temperature 0 is greedy.
+
+    Returns completions ordered by (prompt_index, sample_index)."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+    stops = list(model.config.eos_token_ids if stop_ids is None else stop_ids)
+    device = model.lm_head.weight.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    if max_new_tokens <= 0:
+        return [Completion(i, s, [], [], "length") for i in range(len(prompts)) for s in range(num_samples)]
+
+    was_training = model.training
+    model.eval()
+    try:
+        # Longest prompts first: batches of similar length waste less padding.
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        rows = [(i, s) for i in order for s in range(num_samples)]
+        results: dict[tuple[int, int], Completion] = {}
+        start = 0
+        while start < len(rows):
+            S = len(prompts[rows[start][0]]) + max_new_tokens
+            n = _plan_rows(model, S, len(rows) - start, max_batch)
+            try:
+                for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, gen):
+                    results[(c.prompt_index, c.sample_index)] = c
+                start += n
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                release(model)
+                max_batch = max(1, n // 2)  # split and carry on: a long run never dies of it
+        return [results[(i, s)] for i in range(len(prompts)) for s in range(num_samples)]
+    finally:
+        model.train(was_training)
+
+
+def _prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, row_prompt: Tensor, P: int) -> Tensor:
+    """Run each distinct prompt once (left-padded to P), copy its keys/values into the rows that sample
+    from it, and return each row's next-token logits (fp32)."""
+    device = cache.k[0].device
+    n = len(prompts)
+    chunk = max(1, PREFILL_TOKENS // P)
+    last = []
+    for c0 in range(0, n, chunk):
+        part = prompts[c0:c0 + chunk]
+        ids = torch.zeros(len(part), P, dtype=torch.long, device=device)
+        am = torch.zeros(len(part), P, dtype=torch.long, device=device)
+        for j, p in enumerate(part):
+            ids[j, P - len(p):] = torch.tensor(p, device=device)
+            am[j, P - len(p):] = 1
+        tmp = KVCache.empty(model.config, len(part), P, cache.k[0].dtype, device)
+        h = model.run(ids, positions_from_mask(am), padding_mask(am), tmp, torch.arange(P, device=device))
+        last.append(model.lm_head(h[:, -1]).float())
+        sel = (row_prompt >= c0) & (row_prompt < c0 + len(part))
+        rows = sel.nonzero().squeeze(1)
+        src = row_prompt[rows] - c0
+        for L in range(len(cache.k)):
+            cache.k[L][rows, :, :P] = tmp.k[L].index_select(0, src)
+            cache.v[L][rows, :, :P] = tmp.v[L].index_select(0, src)
+        del tmp
+    return torch.cat(last).index_select(0, row_prompt)
+
+
+def _run_batch(model, prompts, rows, max_new, params, stops, gen) -> list[Completion]:
+    device = model.lm_head.weight.device
+    cfg = model.config
+    uniq = sorted({i for i, _ in rows}, key=lambda i: -len(prompts[i]))
+    slot = {i: j for j, i in enumerate(uniq)}
+    lens = torch.tensor([len(prompts[i]) for i, _ in rows], device=device)
+    P = int(max(len(prompts[i]) for i in uniq))
+    # On CUDA round the attended length up so calls with similar prompts reuse the captured graphs.
+    S = P + max_new if device.type != "cuda" else 64 * math.ceil((P + max_new) / 64)
+    B0 = len(rows)
+    cache = _get_cache(model, B0, S, model.lm_head.weight.dtype, device)
+    row_prompt = torch.tensor([slot[i] for i, _ in rows], device=device)
+    logits = _prefill(model, [prompts[i] for i in uniq], cache, row_prompt, P)
+
+    # Per-row decode state, all on the device. Row B0 of the output buffers absorbs writes of filler rows.
+    valid = torch.zeros(B0, S, dtype=torch.bool, device=device)
+    valid[:, :P] = torch.arange(P, device=device)[None] >= (P - lens)[:, None]
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B0, cfg.vocab_size, dtype=torch.bool, device=device)
+        for r, (i, _) in enumerate(rows):
+            seen[r, torch.tensor(prompts[i], device=device)] = True
+    out_tok = torch.zeros(B0 + 1, max_new, dtype=torch.long, device=device)
+    out_lp = torch.zeros(B0 + 1, max_new, dtype=torch.float32, device=device)
+    n_gen = torch.zeros(B0 + 1, dtype=torch.long, device=device)
+    stop_t = torch.tensor(stops or [-1], device=device)
+    row_id = torch.arange(B0, device=device)
+    done = torch.zeros(B0, dtype=torch.bool, device=device)
+    pos = lens.clone()
+    write = torch.tensor([P], device=device)
+    dec = _Decoder(model, cache, S)
+    B = B0
+    for t in range(max_new):
+        if t > 0:
+            valid[:, P + t - 1] = True
+            logits = dec(tok, pos, valid[:, None, None, :], write)
+            pos += 1
+            write += 1
+        lp = logits.log_softmax(-1)
+        nxt = sample(process_logits(logits, params, seen), params, gen)
+        chosen = lp.gather(1, nxt[:, None]).squeeze(1)
+        active = ~done
+        out_tok[row_id, t] = torch.where(active, nxt, 0)
+        out_lp[row_id, t] = torch.where(active, chosen, 0.0)
+        n_gen[row_id] += active.long()
+        done |= torch.isin(nxt, stop_t)
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
+        tok = nxt
+        if (t + 1) % SYNC_EVERY == 0 or t == max_new - 1:
+            n_active = int((~done).sum())
+            if n_active == 0:
+                break
+            nb = _bucket(n_active, B0)
+            if nb < B:  # compact: keep live rows in the first nb slots of the same static cache
+                keep = (~done).nonzero().squeeze(1)
+                keep = torch.cat([keep, keep[:1].expand(nb - n_active)])  # fillers repeat a live row
+                for t_ in cache.k + cache.v:
+                    view = t_[:, :, :S]
+                    view[:nb] = view.index_select(0, keep)
+                filler = torch.arange(nb, device=device) >= n_active
+                row_id = torch.where(filler, B0, row_id[keep])
+                done = filler | done[keep]
+                tok, pos, valid = tok[keep], pos[keep], valid[keep]
+                seen = seen[keep] if seen is not None else None
+                B = nb
+    out_tok, out_lp, n_gen = out_tok.tolist(), out_lp.tolist(), n_gen.tolist()
+    res = []
+    stop_set = set(stops)
+    for r, (i, s) in enumerate(rows):
+        toks = out_tok[r][: n_gen[r]]
+        reason = "stop" if toks and toks[-1] in stop_set else "length"
+        res.append(Completion(i, s, toks, out_lp[r][: n_gen[r]], reason))
+    return res
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Batch sizes the decode graphs are captured for: the full batch, or the next power of two."""
+    b = 1 << (n - 1).bit_length()
+    return cap if b >= cap else b

@@ -1,0 +1,162 @@
+"""The rollout engine: cached decoding against full recomputation, batching, samples, sampling law, seeds."""
+import importlib
+import math
+
+import pytest
+import torch
+
+from hf_tiny import make_hf_model
+from model import generate, load_model
+
+G = importlib.import_module("model.generate")  # the module (the package re-exports the function by that name)
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3"])
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = make_hf_model(request.param, path)
+    return hf, load_model(path, device="cpu")
+
+
+def ragged(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (L,), generator=g).tolist() for L in (5, 17, 9, 1, 12, 30)[:n]]
+
+
+def full_recompute_greedy(model, prompt, n):
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], 1)
+        lp = model(x).log_softmax(-1)[0, len(prompt) - 1:-1].gather(1, x[0, len(prompt):, None]).squeeze(1)
+    return x[0, len(prompt):].tolist(), lp
+
+
+def test_cached_greedy_equals_full_recompute(pair):
+    _, m = pair
+    for p in ragged(3):
+        want, want_lp = full_recompute_greedy(m, p, 24)
+        (c,) = generate(m, [p], max_new_tokens=24, temperature=0, stop_ids=[])
+        assert c.tokens == want and c.finish_reason == "length"
+        assert torch.allclose(torch.tensor(c.logprobs), want_lp, atol=1e-4)
+
+
+def test_alone_equals_in_ragged_batch(pair):
+    _, m = pair
+    prompts = ragged(6)
+    batch = generate(m, prompts, max_new_tokens=20, temperature=0, stop_ids=[])
+    for i, p in enumerate(prompts):
+        (alone,) = generate(m, [p], max_new_tokens=20, temperature=0, stop_ids=[])
+        assert batch[i].prompt_index == i and batch[i].tokens == alone.tokens
+
+
+def test_num_samples_copies_equal_separate_prompts(pair):
+    _, m = pair
+    prompts = ragged(3)
+    multi = generate(m, prompts, max_new_tokens=16, temperature=0, num_samples=3, stop_ids=[])
+    sep = generate(m, [p for p in prompts for _ in range(3)], max_new_tokens=16, temperature=0, stop_ids=[])
+    assert [(c.prompt_index, c.sample_index) for c in multi] == [(i, s) for i in range(3) for s in range(3)]
+    assert [c.tokens for c in multi] == [c.tokens for c in sep]
+
+
+def test_stop_ids_and_compaction(pair, monkeypatch):
+    """Rows stop at different steps; compaction (every 2 steps here) must not change any row's output."""
+    _, m = pair
+    prompts = ragged(6, seed=5)
+    ref = [full_recompute_greedy(m, p, 20)[0] for p in prompts]
+    stop = ref[0][3]  # a token that some rows produce early
+    monkeypatch.setattr(G, "SYNC_EVERY", 2)
+    out = generate(m, prompts, max_new_tokens=20, temperature=0, stop_ids=[stop])
+    for c, r in zip(out, ref):
+        want = r[: r.index(stop) + 1] if stop in r else r
+        assert c.tokens == want
+        assert c.finish_reason == ("stop" if stop in r else "length")
+    assert out[0].finish_reason == "stop" and len(out[0].tokens) <= 4
+
+
+def test_seed_reproducible_and_distinct(pair):
+    _, m = pair
+    prompts = ragged(3)
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, num_samples=2, stop_ids=[])
+    a = generate(m, prompts, seed=7, **kw)
+    b = generate(m, prompts, seed=7, **kw)
+    c = generate(m, prompts, seed=8, **kw)
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def test_oom_splits_batch_and_carries_on(pair, monkeypatch):
+    _, m = pair
+    prompts = ragged(6)
+    want = generate(m, prompts, max_new_tokens=8, temperature=0, stop_ids=[])
+    real = G._run_batch
+    sizes = []
+
+    def flaky(model, prompts_, rows, *a):
+        sizes.append(len(rows))
+        if len(rows) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, prompts_, rows, *a)
+
+    monkeypatch.setattr(G, "_run_batch", flaky)
+    got = generate(m, prompts, max_new_tokens=8, temperature=0, stop_ids=[])
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    assert max(sizes) == 6 and sizes[-1] <= 2
+
+
+def hf_processed(logits, input_ids, temperature, top_k, top_p, penalty):
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    x = logits.clone()
+    if penalty != 1.0:
+        x = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, x)
+    x = TemperatureLogitsWarper(temperature)(input_ids, x)
+    if top_k:
+        x = TopKLogitsWarper(top_k)(input_ids, x)
+    if top_p < 1:
+        x = TopPLogitsWarper(top_p)(input_ids, x)
+    return x
+
+
+@pytest.mark.parametrize("T,k,p,pen", [(0.7, 0, 1.0, 1.3), (1.0, 20, 1.0, 1.0), (1.0, 0, 0.8, 1.0),
+                                       (1.3, 15, 0.9, 1.1)])
+def test_processors_match_transformers(T, k, p, pen):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 97, generator=g) * 3
+    ids = torch.randint(0, 97, (4, 12), generator=g)
+    seen = torch.zeros(4, 97, dtype=torch.bool).scatter_(1, ids, True)
+    ours = G.process_logits(logits, G.SamplingParams(T, p, k, pen), seen)
+    ref = hf_processed(logits, ids, T, k, p, pen)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    assert torch.allclose(ours[fin], ref[fin], rtol=1e-6, atol=1e-6)
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square (Wilson-Hilferty approximation)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("T,k,p", [(1.0, 0, 1.0), (0.8, 0, 0.85), (1.2, 12, 1.0), (1.0, 10, 0.9)])
+def test_sampling_frequencies_match_softmax(pair, T, k, p):
+    hf, m = pair
+    prompt = ragged(1, seed=3)[0]
+    N = 6000
+    out = generate(m, [prompt], max_new_tokens=1, temperature=T, top_k=k, top_p=p, num_samples=N, seed=11,
+                   stop_ids=[])
+    counts = torch.bincount(torch.tensor([c.tokens[0] for c in out]), minlength=97).double()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[:, -1].double()
+    probs = hf_processed(logits, torch.tensor([prompt]), T, k, p, 1.0).softmax(-1)[0]
+    assert counts[probs == 0].sum() == 0  # nothing outside the top-k / nucleus support
+    # Pool the rare tokens so every cell expects at least 5 draws.
+    exp = probs * N
+    big = exp >= 5
+    obs_cells = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp_cells = torch.cat([exp[big], exp[~big].sum()[None]])
+    keep = exp_cells > 0
+    chi2 = (((obs_cells - exp_cells) ** 2) / exp_cells)[keep].sum().item()
+    df = int(keep.sum()) - 1
+    assert df >= 3, "the test distribution is too peaked to say anything"
+    assert chi2 < chi2_critical(df), (chi2, df)
