@@ -145,10 +145,19 @@ def add_lora(model: nn.Module, cfg: LoraConfig | None = None) -> list[nn.Paramet
     return lora_parameters(model)
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Change the adapter dropout (e.g. 0 for on-policy distillation, which trains with dropout off)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    for _, m in _require(model):
+        m.dropout = p
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model (the teacher) inside the block: no weight copy, one flag per module.
-    Works while merged (uses the saved base weight); nests; restores the flags on exceptions."""
+    Works while merged (uses the saved base weight); nests; restores the flags on exceptions;
+    a no-op on a model without LoRA. (Under torch.compile each state is its own graph.)"""
     mods = [m for _, m in _modules(model)]
     before = [m.disabled for m in mods]
     try:

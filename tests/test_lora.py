@@ -266,10 +266,14 @@ def test_dropout_only_on_lora_input_in_train_mode():
     assert not torch.equal(m(x), m(x))  # fresh masks per call
     with L.disabled(net):
         assert torch.equal(m(x), F.linear(x, W, b))
+    no_dropout = x @ W.T + b + 2.0 * (x @ A.T @ B.T)
+    L.set_dropout(net, 0.0)  # train mode with dropout off (as on-policy distillation runs)
+    assert torch.allclose(m(x), no_dropout, atol=1e-6)
+    L.set_dropout(net, 0.5)
     net.eval()
     y_eval = m(x)
     assert torch.equal(y_eval, m(x))
-    assert torch.allclose(y_eval, x @ W.T + b + 2.0 * (x @ A.T @ B.T), atol=1e-6)
+    assert torch.allclose(y_eval, no_dropout, atol=1e-6)
 
 
 def test_seeded_init(ckpt):
