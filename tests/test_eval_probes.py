@@ -239,3 +239,30 @@ def test_model_answer_fn_batches_and_restores_order(monkeypatch):
     assert fn(prompts) == [("<u>" + p + "<a>")[::-1] for p in prompts]
     assert [s[0] for s in seen] == [2, 2, 1]
     assert seen[0][1:] == (0.0, 1.1, 768, [0])
+
+
+def test_evaluate_case_with_tiny_random_model(case):
+    """The real engine: every probe answered, and answers equal a naive full-forward greedy loop."""
+    import torch
+    from model import load_model, load_tokenizer
+
+    model, tok = load_model("tiny-random", device="cpu"), load_tokenizer("tiny-random")
+    gen = P.GenConfig(max_new_tokens=4, repetition_penalty=1.0, batch_size=40)
+    post = P.evaluate_case(model, tok, case, gen)
+    assert [len(h) for h in post["hop_wise_pred"]] == [3, 3, 3, 3] and len(post["conflict_probe"]) == 32
+    assert len(post["old_knowledge_probe"]) == 8 and len(post["accuracy_pred"]) == 3
+
+    def naive(prompt):
+        ids = tok.encode(tok.chat([{"role": "user", "content": prompt}]))
+        out = []
+        with torch.no_grad():
+            for _ in range(4):
+                nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+                out.append(nxt)
+                if nxt in tok.eos_ids:
+                    break
+        return tok.decode(out, skip_special_tokens=True).strip()
+
+    for d in (post["hop_wise_pred"][0][0], post["accuracy_pred"][2], post["causal_enhanced_conflict_probe"][5]):
+        assert d["pred"] == naive(d["prompt"])
+    assert post["hop_wise"][0][0] == P.answer_matches(post["hop_wise_pred"][0][0]["pred"], post["hop_wise_pred"][0][0]["ref"])

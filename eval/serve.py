@@ -1,0 +1,130 @@
+"""`python -m eval serve`: an OpenAI-compatible chat-completions server (stdlib ThreadingHTTPServer)
+over this project's decoder and sampler, so the judge can be a local model with no paid API.
+Requests queue on one lock around the model; the server binds 127.0.0.1 unless told otherwise."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127.0.0.1", port: int = 0,
+                max_new_tokens: int = 1024, temperature: float = 0.0) -> ThreadingHTTPServer:
+    """A ready-to-run server (call serve_forever). Requests without `temperature` decode with
+    `temperature` (default greedy: a judge should be deterministic); without max_tokens, up to
+    `max_new_tokens`. Only n=1 and stream=false are supported."""
+    lock = threading.Lock()
+
+    def complete(body: dict) -> dict:
+        from model import generate  # lazy: importing eval must not need the model stack
+
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise _BadRequest(f"messages[{i}] must be {{'role': str, 'content': str}}")
+        if body.get("stream"):
+            raise _BadRequest("stream=true is not supported")
+        if int(body.get("n", 1)) != 1:
+            raise _BadRequest("only n=1 is supported")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or max_new_tokens
+        temp = body.get("temperature")
+        ids = tokenizer.encode(tokenizer.chat(messages, add_generation_prompt=True))
+        with lock:
+            (c,) = generate(model, [ids], max_new_tokens=int(max_tokens),
+                            temperature=float(temperature if temp is None else temp),
+                            top_p=float(body.get("top_p", 1.0)), num_samples=1,
+                            stop_ids=list(tokenizer.eos_ids), seed=body.get("seed"))
+        text = tokenizer.decode(c.tokens, skip_special_tokens=True)
+        finish = c.finish_reason
+        cut = [text.find(s) for s in stop if s and s in text]
+        if cut:
+            text, finish = text[:min(cut)], "stop"
+        n_out = len(c.tokens)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.info("%s " + fmt, self.address_string(), *args)
+
+        def _send(self, status: int, obj: dict) -> None:
+            data = json.dumps(obj).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str, kind: str) -> None:
+            self._send(status, {"error": {"message": message, "type": kind}})
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") in ("/v1/models", "/models"):
+                self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "local"}]})
+            else:
+                self._error(404, f"no route {self.path}", "not_found")
+
+        def do_POST(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(n)
+            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+                return self._error(404, f"no route {self.path}; use /v1/chat/completions", "not_found")
+            try:
+                body = json.loads(raw)
+                if not isinstance(body, dict):
+                    raise _BadRequest("the request body must be a JSON object")
+                self._send(200, complete(body))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self._error(400, "the request body is not valid JSON", "invalid_request_error")
+            except (_BadRequest, TypeError, ValueError) as e:
+                self._error(400, str(e), "invalid_request_error")
+            except Exception as e:  # the model failed: say so, keep serving
+                log.exception("generation failed")
+                self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(source: str, *, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int = 1024,
+          device: str | None = None, dtype: str | None = None) -> None:
+    """Load `source` with model.load_model / load_tokenizer and serve it until interrupted."""
+    import torch
+
+    from model import load_model, load_tokenizer
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if dtype and not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    model = load_model(source, dtype=torch_dtype, device=device)
+    tokenizer = load_tokenizer(source)
+    server = make_server(model, tokenizer, model_name=str(source), host=host, port=port,
+                         max_new_tokens=max_new_tokens)
+    h, p = server.server_address[:2]
+    print(f"serving {source} at http://{h}:{p}/v1  (judge with: --base-url http://{h}:{p}/v1 --judge-model {source})",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
