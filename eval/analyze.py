@@ -16,7 +16,7 @@ from .chat import ContentFilterError
 from .files import atomic_write_json, read_json
 from .judge import RULE_BASED, Backend, Item, ask_parsed, item_key, output_dir, run_items
 from .mquake import target_str
-from .probes import CONFLICT_PER_REWRITE, OLD_PER_REWRITE, answer_matches, load_records, normalize_answer
+from .probes import CONFLICT_PER_REWRITE, answer_matches, load_records, normalize_answer
 from .prompts import self_refute_messages, why_messages
 
 CE_SUFFIX = "_only_causal_enhanced"
@@ -66,7 +66,10 @@ def self_refute_items(records: list[dict]) -> tuple[list[Item], Counter]:
                 continue
             if source == "hop_wise_pred":
                 for h, hop in enumerate(value or []):
-                    for s, d in enumerate(hop):
+                    for s, d in enumerate(hop if isinstance(hop, list) else []):
+                        if not isinstance(d, dict):
+                            skipped["hop_wise_pred entry that is not an object"] += 1
+                            continue
                         r = hop_item_rewrite(d, rws)
                         if r is None:
                             skipped["hop_wise_pred on an unedited hop"] += 1
@@ -75,7 +78,7 @@ def self_refute_items(records: list[dict]) -> tuple[list[Item], Counter]:
             elif source == "conflict_probe":
                 for k, d in enumerate(value or []):
                     r = k // CONFLICT_PER_REWRITE
-                    if r >= len(rws):
+                    if not isinstance(d, dict) or r >= len(rws):
                         skipped["conflict_probe beyond the case's rewrites"] += 1
                         continue
                     items.append(_item(cid, source, f"{source}[{k}]", d, r, rws))
@@ -285,8 +288,8 @@ def why_items(records: list[dict]) -> list[Item]:
     for rec in records:
         rws = rec.get("requested_rewrite") or []
         for h, hop in enumerate(rec["post"].get("hop_wise_pred") or []):
-            for s, d in enumerate(hop):
-                if "why?" not in str(d.get("prompt", "")).lower() or not str(d.get("pred", "")).strip():
+            for s, d in enumerate(hop if isinstance(hop, list) else []):
+                if not isinstance(d, dict) or "why?" not in str(d.get("prompt", "")).lower() or not str(d.get("pred", "")).strip():
                     continue
                 r = hop_item_rewrite(d, rws)
                 article = rws[r].get("article") if r is not None else None

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 KEYS_ENV = "CODE_EDIT_API_KEYS"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 
+# Mistakes in the URL or headers: retrying cannot help.
+_CONFIG_ERRORS = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                  requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader)
 # Statuses worth another try: rate limits, request timeouts, conflicts and every 5xx.
 _RETRY_STATUSES = {408, 409, 425, 429}
 # Provider error texts sometimes echo part of the key ("Incorrect API key provided: sk-ab***yz").
@@ -159,8 +162,10 @@ class ChatClient:
             raise _Retry(ChatError(f"timed out after {self.timeout}s waiting for {self.url}", retryable=True))
         except requests.ConnectionError as e:
             raise _Retry(ChatError(f"cannot connect to {self.url}: {type(e).__name__}", retryable=True))
-        except requests.RequestException as e:
-            raise ChatError(f"request to {self.url} failed: {type(e).__name__}")
+        except _CONFIG_ERRORS as e:
+            raise ChatError(f"bad request setup for {self.url}: {type(e).__name__}") from None
+        except requests.RequestException as e:  # e.g. the body was cut off mid-transfer
+            raise _Retry(ChatError(f"request to {self.url} failed: {type(e).__name__}", retryable=True))
 
         status = resp.status_code
         text = resp.text

@@ -2,9 +2,6 @@
 LLM judge and rule-based), old-knowledge probes, ERROR items, rationale alignment, extract-ce and
 the exact McNemar comparison."""
 import json
-import re
-import threading
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +9,7 @@ from eval import analyze as A
 from eval.chat import ChatClient
 from eval.judge import Backend
 from eval.probes import CE_PREFIX, conflict_prompts
-from eval_fakes import FakeOpenAI, Reply, chat_reply
+from eval_fakes import FakeOpenAI, chat_reply
 
 ARTICLE = "<h1>N{r} now</h1><p>S{r} switched to N{r} because a merger closed the old supplier in March.</p>"
 
