@@ -126,6 +126,11 @@ def add_lora(model: nn.Module, cfg: LoraConfig | None = None) -> list[nn.Paramet
         raise ValueError(f"model already has LoRA ({len(_modules(model))} modules); remove() it first")
     if cfg.rank < 1 or not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"LoraConfig: rank must be >= 1 and 0 <= dropout < 1, got {cfg.rank}, {cfg.dropout}")
+    if isinstance(cfg.targets, str) or not cfg.targets:
+        raise ValueError(f"LoraConfig.targets: expected a list of module names, got {cfg.targets!r}")
+    pdtype = getattr(torch, cfg.param_dtype, None) if cfg.param_dtype else None
+    if cfg.param_dtype and not isinstance(pdtype, torch.dtype):
+        raise ValueError(f"LoraConfig.param_dtype: {cfg.param_dtype!r} is not a torch dtype name")
     found = [(n, m) for n, m in model.named_modules()
              if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in cfg.targets]
     missing = sorted(set(cfg.targets) - {n.rsplit(".", 1)[-1] for n, _ in found})
@@ -135,8 +140,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig | None = None) -> list[nn.Paramet
     model.requires_grad_(False)
     mods = []
     for name, base in found:
-        dtype = getattr(torch, cfg.param_dtype) if cfg.param_dtype else base.weight.dtype
-        lora = LoraLinear(base, cfg.rank, cfg.scale, cfg.dropout, dtype)
+        lora = LoraLinear(base, cfg.rank, cfg.scale, cfg.dropout, pdtype or base.weight.dtype)
         lora.config = cfg
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, lora)

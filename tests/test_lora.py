@@ -387,10 +387,14 @@ def test_snapshot_restore_swapped(ckpt):
 # ---- errors -----------------------------------------------------------------------------------
 
 def test_add_errors(ckpt):
-    ours = load_model(ckpt, device="cpu")
+    ours = load_model(ckpt, device="cpu").requires_grad_(True)
     with pytest.raises(ValueError, match="x_proj"):
         L.add_lora(ours, L.LoraConfig(targets=("q_proj", "x_proj")))
-    assert not L.has_lora(ours)
+    with pytest.raises(ValueError, match="targets"):
+        L.add_lora(ours, L.LoraConfig(targets="q_proj"))
+    with pytest.raises(ValueError, match="param_dtype"):
+        L.add_lora(ours, L.LoraConfig(param_dtype="fp32"))
+    assert not L.has_lora(ours) and all(p.requires_grad for p in ours.parameters())  # untouched
     with pytest.raises(ValueError, match="no LoRA"):
         L.merge(ours)
     L.add_lora(ours)
