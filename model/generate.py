@@ -36,8 +36,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
 
+RACE_CANDIDATES = 16  # race winners checked against the nucleus (see `sample`)
+
+
 def process_logits(logits: Tensor, p: SamplingParams, seen: Tensor | None) -> Tensor:
-    """transformers' processor order: repetition penalty, temperature, top-k, top-p (fp32 in, fp32 out)."""
+    """transformers' processors before the nucleus: repetition penalty, temperature, top-k (fp32)."""
     if p.repetition_penalty != 1.0 and seen is not None:
         pen = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
         logits = torch.where(seen, pen, logits)
@@ -47,20 +50,37 @@ def process_logits(logits: Tensor, p: SamplingParams, seen: Tensor | None) -> Te
     if 0 < p.top_k < logits.shape[-1]:
         kth = logits.topk(p.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        srt, idx = logits.sort(dim=-1)
-        drop = srt.softmax(-1).cumsum(-1) <= 1 - p.top_p
-        drop[..., -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return logits
 
 
+def nucleus_keep(probs: Tensor, cand: Tensor, top_p: float) -> Tensor:
+    """Whether each candidate token [B, M] survives transformers' top-p filter: kept iff the mass of the
+    tokens more likely than it is below top_p. One pass over the vocabulary, no sort of it."""
+    pc = probs.gather(1, cand)
+    thr, order = pc.sort(dim=1)
+    count = torch.searchsorted(thr, probs)  # per token: how many candidate probabilities lie below it
+    hist = torch.zeros(probs.shape[0], cand.shape[1] + 1, device=probs.device, dtype=probs.dtype)
+    hist.scatter_add_(1, count, probs)
+    above = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # above[m] = mass of tokens above the m-th threshold
+    return torch.empty_like(above, dtype=torch.bool).scatter_(1, order, above < top_p)
+
+
 def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
+    """One token per row from processed logits. Exponential race: argmax(p / E), E ~ Exp(1), draws from p
+    with no host sync. With top-p, the race's first RACE_CANDIDATES winners are checked against the nucleus
+    and the first one inside it is taken: the race order restricted to a subset is a race on that subset,
+    so this is an exact nucleus sample, unless all candidates fall outside the nucleus (probability about
+    (1 - top_p)^16; then the most likely token, always in the nucleus, is taken)."""
     if p.temperature <= 0:
         return logits.argmax(-1)
-    # argmax(p / E) with E ~ Exp(1) draws from p exactly, with no host sync (unlike multinomial).
-    noise = torch.empty_like(logits).exponential_(generator=gen)
-    return (logits.softmax(-1) / noise).argmax(-1)
+    probs = logits.softmax(-1)
+    race = probs / torch.empty_like(probs).exponential_(generator=gen)
+    if p.top_p >= 1.0:
+        return race.argmax(-1)
+    cand = race.topk(min(RACE_CANDIDATES, probs.shape[-1]), dim=-1).indices  # in race order
+    keep = nucleus_keep(probs, cand, p.top_p)
+    first = cand.gather(1, keep.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
+    return torch.where(keep.any(1), first, probs.argmax(-1))
 
 
 def _state_key(model: Transformer) -> tuple:
@@ -300,9 +320,8 @@ def _run_batch(model, prompts, rows, max_new, params, stops, gen) -> list[Comple
             logits = dec(tok, pos, valid[:, None, None, :], write)
             pos += 1
             write += 1
-        lp = logits.log_softmax(-1)
         nxt = sample(process_logits(logits, params, seen), params, gen)
-        chosen = lp.gather(1, nxt[:, None]).squeeze(1)
+        chosen = logits.gather(1, nxt[:, None]).squeeze(1) - logits.logsumexp(-1)
         active = ~done
         out_tok[row_id, t] = torch.where(active, nxt, 0)
         out_lp[row_id, t] = torch.where(active, chosen, 0.0)

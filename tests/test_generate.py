@@ -127,6 +127,9 @@ def test_processors_match_transformers(T, k, p, pen):
     ids = torch.randint(0, 97, (4, 12), generator=g)
     seen = torch.zeros(4, 97, dtype=torch.bool).scatter_(1, ids, True)
     ours = G.process_logits(logits, G.SamplingParams(T, p, k, pen), seen)
+    if p < 1:  # the nucleus, decided token by token as the sampler decides it for its race candidates
+        keep = G.nucleus_keep(ours.softmax(-1), torch.arange(97).expand(4, 97), p)
+        ours = ours.masked_fill(~keep, float("-inf"))
     ref = hf_processed(logits, ids, T, k, p, pen)
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     fin = torch.isfinite(ref)

@@ -1,0 +1,108 @@
+"""Shared pieces of the GPU benchmarks: a random-init full-size Qwen2.5-7B, hardware ceilings, timing."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from model.config import ModelConfig
+from model.decoder import Transformer
+
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+    "bos_token_id": 151643, "eos_token_id": 151645,
+}
+
+
+def random_model(hf_cfg: dict = QWEN25_7B, *, layers: int | None = None, seed: int = 0,
+                 dtype=torch.bfloat16) -> Transformer:
+    """Random weights (std 0.02, norms 1) built straight on the GPU."""
+    cfg = dict(hf_cfg, num_hidden_layers=layers or hf_cfg["num_hidden_layers"])
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = Transformer(ModelConfig.from_hf(cfg)).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.reset_rope()
+    return model.requires_grad_(False).eval()
+
+
+def hf_twin(model: Transformer, hf_cfg: dict = QWEN25_7B):
+    """A transformers model sharing our weight tensors (no second copy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {k: v for k, v in hf_cfg.items() if k != "architectures"}
+    kw["num_hidden_layers"] = model.config.num_layers
+    cfg = AutoConfig.for_model("qwen2", **kw)
+    device = model.lm_head.weight.device
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=model.lm_head.weight.dtype, attn_implementation="sdpa")
+    hf.load_state_dict(model.state_dict(), assign=True, strict=True)
+    for mod in hf.modules():  # rotary buffers were built on meta: rebuild them on the GPU
+        if hasattr(mod, "inv_freq") and mod.inv_freq.is_meta:
+            inv = model.inv_freq.clone()
+            mod.inv_freq = inv
+            if hasattr(mod, "original_inv_freq"):
+                mod.original_inv_freq = inv
+    return hf.eval()
+
+
+def measure_bandwidth(gib: float = 4.0) -> float:
+    """Device-to-device copy, bytes read + written per second (the HBM ceiling we compare against)."""
+    n = int(gib * 2**30) // 4
+    a = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); b.copy_(a); e.record(); torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n * 4 / sorted(times)[len(times) // 2]
+
+
+def measure_matmul_flops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * n**3 / (time.perf_counter() - t)
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t, torch.cuda.max_memory_allocated()
+
+
+def write_json(path: str | None, data) -> None:
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def device_line() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
