@@ -128,7 +128,7 @@ def test_rollout_batch_matches_reference_grpo_semantics():
 
 def test_tiny_is_small_and_otherwise_paper():
     tiny, paper = load_hparams("tiny"), load_hparams("qwen2.5-7b-instruct")
-    assert tiny.model.source == "tiny-random-llama" and tiny.model.dtype == "float32"
+    assert tiny.model.source == "tiny-random" and tiny.model.dtype == "float32"
     b, i = tiny.bootstrap, tiny.internalize
     assert b.replica_times * b.num_samples <= 16 and b.max_new_tokens <= 64 and b.epochs <= 2
     assert i.max_steps_base <= 2 and i.prompts_per_step * i.rollouts_per_prompt <= 4
