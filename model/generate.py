@@ -85,7 +85,7 @@ def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Te
 
 def _state_key(model: Transformer) -> tuple:
     # Graphs bake in tensor addresses and Python flags: any new parameter or LoRA switch needs a new graph.
-    flags = tuple(getattr(m, "lora_enabled", None) for m in model.modules() if hasattr(m, "lora_enabled"))
+    flags = tuple((m.disabled, m.merged) for m in model.modules() if hasattr(m, "lora_A"))
     return tuple(p.data_ptr() for p in model.parameters()) + flags
 
 
