@@ -1,0 +1,178 @@
+"""Supervised LoRA fine-tuning with a completion-only loss (causal bootstrapping's SFT, METHOD.md 3.2 step 9).
+
+AdamW over the given parameters, linear warmup then cosine decay over the planned steps, gradient
+clipping, per-epoch shuffling, early stop once the step loss stays below a threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from train.losses import completion_ce_loss
+
+
+@dataclass
+class SFTConfig:
+    lr: float
+    epochs: int
+    batch_size: int
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 0.1
+    weight_decay: float = 0.0
+    stop_loss: float | None = 0.35  # early stop when the step loss is below this ...
+    stop_consecutive: int = 2  # ... on this many consecutive steps; None disables it
+    max_length: int = 1024  # prompt + completion tokens per example (see truncate_example)
+    grad_checkpointing: bool = False
+    seed: int = 3407  # data order and LoRA dropout masks
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier at optimizer step `step` (0-based), as transformers' cosine schedule:
+    step/warmup during warmup (so the very first step has lr 0, as in the reference), then
+    0.5 * (1 + cos(pi * progress)) down to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def sft_plan(num_examples: int, batch_size: int, epochs: int, warmup_ratio: float) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps): ceil(n / batch) * epochs and ceil(ratio * total)."""
+    total = math.ceil(num_examples / batch_size) * epochs
+    return total, math.ceil(warmup_ratio * total)
+
+
+def truncate_example(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Fit prompt + completion into max_length tokens. The completion is what is learned, so it is kept
+    whole and the prompt loses its beginning (its end, next to the answer, matters most). A completion
+    that cannot fit beside one prompt token keeps its first max_length - 1 tokens (the end-of-turn
+    token is then lost, as with a keep-start truncation)."""
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    if len(completion) <= max_length - 1:
+        return prompt[len(prompt) + len(completion) - max_length:], completion
+    return prompt[-1:], completion[: max_length - 1]
+
+
+def collate(rows: list[tuple[list[int], list[int]]], device, pad_id: int = 0,
+            ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels) for next-token prediction over [prompt ; completion].
+
+    labels[b, t] is the token that position t predicts: the completion tokens at their positions,
+    ignore_index on the prompt and the padding. The last completion token is never an input, so a
+    row holds len(prompt) + len(completion) - 1 tokens.
+    """
+    seqs = [(p + c)[:-1] for p, c in rows]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), ignore_index, dtype=torch.long)
+    for b, ((p, c), s) in enumerate(zip(rows, seqs)):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+        labels[b, len(p) - 1: len(p) - 1 + len(c)] = torch.tensor(c)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def right_padded_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states of right-padded rows. No attention mask is passed on purpose: under the causal
+    mask a real token never sees the padding to its right and positions count from 0 either way,
+    so real positions come out the same as with the mask, while the plain-causal path lets SDPA use
+    its fused (flash) kernels. Padding positions carry garbage and must be ignored by the caller."""
+    return model.hidden(input_ids)
+
+
+def _check(examples, params, cfg: SFTConfig, vocab: int) -> None:
+    if not examples:
+        raise ValueError("sft: no examples")
+    if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.max_length < 2:
+        raise ValueError(f"SFTConfig: batch_size, epochs must be >= 1 and max_length >= 2, got "
+                         f"{cfg.batch_size}, {cfg.epochs}, {cfg.max_length}")
+    if not 0.0 <= cfg.warmup_ratio <= 1.0 or cfg.lr <= 0 or cfg.max_grad_norm <= 0:
+        raise ValueError(f"SFTConfig: need 0 <= warmup_ratio <= 1, lr > 0, max_grad_norm > 0, got "
+                         f"{cfg.warmup_ratio}, {cfg.lr}, {cfg.max_grad_norm}")
+    if cfg.stop_loss is not None and cfg.stop_consecutive < 1:
+        raise ValueError(f"SFTConfig.stop_consecutive must be >= 1, got {cfg.stop_consecutive}")
+    if not params or not all(p.requires_grad for p in params):
+        raise ValueError("sft: params must be a non-empty list of parameters that require grad")
+    for i, (p, c) in enumerate(examples):
+        if not p or not c:
+            raise ValueError(f"sft: examples[{i}] has an empty {'prompt' if not p else 'completion'}")
+        bad = [t for t in (*p, *c) if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"sft: examples[{i}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+
+def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: list[nn.Parameter],
+        cfg: SFTConfig, *, log: Callable[[dict], None] | None = None) -> dict:
+    """Train `params` on (prompt_ids, completion_ids) pairs; the completion carries its own end-of-turn
+    token. Returns {"steps", "final_loss", "stopped_early", "losses", "total_steps", "truncated", "seconds"}.
+
+    Precision: the model runs in its own dtype, without autocast. On a bf16 base every matmul is bf16
+    already, LoRA casts its fp32 master weights to the activation dtype itself (the rounding autocast
+    would apply), RMSNorm/RoPE and the loss compute in fp32 explicitly, and the gradients land on the
+    fp32 masters; autocast would add only its cast cache. An fp32 model stays fp32 (tests, CPU).
+    """
+    device = model.lm_head.weight.device
+    _check(examples, params, cfg, model.config.vocab_size)
+    rows = [truncate_example(p, c, cfg.max_length) for p, c in examples]
+    truncated = sum(len(p) + len(c) > cfg.max_length for p, c in examples)
+    total, warmup = sft_plan(len(rows), cfg.batch_size, cfg.epochs, cfg.warmup_ratio)
+
+    if device.type == "cuda":  # the sampler's kept KV cache (candidate generation) can be tens of GiB
+        from model.generate import release
+        release(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    W = model.lm_head.weight
+    losses: list[float] = []
+    below = 0
+    stopped = False
+    t0 = time.perf_counter()
+    ckpt_before = model.gradient_checkpointing
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+    # Dropout masks come from the global RNG: fork it so a seed gives one run, and the caller's state stays.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        try:
+            step = 0
+            for epoch in range(cfg.epochs):
+                order = torch.randperm(len(rows), generator=gen).tolist()
+                for b0 in range(0, len(order), cfg.batch_size):
+                    batch = [rows[i] for i in order[b0:b0 + cfg.batch_size]]
+                    ids, _, labels = collate(batch, device)
+                    lr = cfg.lr * warmup_cosine(step, total, warmup)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    h = right_padded_hidden(model, ids)
+                    loss = completion_ce_loss(h.reshape(-1, h.shape[-1]), W, labels.reshape(-1))
+                    loss.backward()
+                    del h
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    value = float(loss.detach())
+                    losses.append(value)
+                    if log is not None:
+                        log({"step": step, "epoch": epoch, "loss": value, "lr": lr, "grad_norm": float(gnorm),
+                             "tokens": int((labels != -100).sum())})
+                    below = below + 1 if cfg.stop_loss is not None and value < cfg.stop_loss else 0
+                    if cfg.stop_loss is not None and below >= cfg.stop_consecutive:
+                        stopped = True
+                        break
+                if stopped:
+                    break
+        finally:
+            model.gradient_checkpointing = ckpt_before
+            model.eval()
+    return {"steps": len(losses), "final_loss": losses[-1], "stopped_early": stopped, "losses": losses,
+            "total_steps": total, "truncated": truncated, "seconds": time.perf_counter() - t0}
