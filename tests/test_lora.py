@@ -322,6 +322,7 @@ def test_bf16(ckpt):
     before = clone_state(ours)
     with torch.no_grad():
         base = ours(x)
+        noise = (base.float() - ref32(x)).abs().max().item()  # bf16 vs fp32 of the base model itself
     params = L.add_lora(ours)
     assert all(p.dtype == torch.float32 for p in params)  # fp32 master weights (see LoraConfig)
     assert ours.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
@@ -331,11 +332,12 @@ def test_bf16(ckpt):
     with torch.no_grad():
         y, y32 = ours(x), ref32(x)
         assert y.dtype == torch.bfloat16
-        assert (y.float() - y32).abs().max().item() <= 0.03 * y32.abs().max().item()
+        assert (y.float() - base.float()).abs().max().item() > 20 * noise  # the adapter matters
+        assert (y.float() - y32).abs().max().item() <= 2.5 * noise  # and adds no more than bf16 noise
         with L.disabled(ours):
             assert torch.equal(ours(x), base)
         L.merge(ours)
-        assert (ours(x).float() - y32).abs().max().item() <= 0.03 * y32.abs().max().item()
+        assert (ours(x).float() - y32).abs().max().item() <= 2.5 * noise
         with L.disabled(ours):
             assert torch.equal(ours(x), base)
     L.unmerge(ours)
