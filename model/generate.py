@@ -55,32 +55,54 @@ def process_logits(logits: Tensor, p: SamplingParams, seen: Tensor | None) -> Te
 
 def nucleus_keep(probs: Tensor, cand: Tensor, top_p: float) -> Tensor:
     """Whether each candidate token [B, M] survives transformers' top-p filter: kept iff the mass of the
-    tokens more likely than it is below top_p. One pass over the vocabulary, no sort of it."""
+    tokens more likely than it is below top_p. Computed without sorting the vocabulary."""
     pc = probs.gather(1, cand)
-    thr, order = pc.sort(dim=1)
-    count = torch.searchsorted(thr, probs)  # per token: how many candidate probabilities lie below it
+    if probs.is_cuda:  # M masked sums; fused into one pass by torch.compile (scatter_add's atomics crawl here)
+        above = torch.where(probs[:, None, :] > pc[:, :, None], probs[:, None, :], 0.0).sum(-1)
+        return above < top_p
+    thr, order = pc.sort(dim=1)  # CPU: bucket every token between the sorted candidate probabilities
+    count = torch.searchsorted(thr, probs)
     hist = torch.zeros(probs.shape[0], cand.shape[1] + 1, device=probs.device, dtype=probs.dtype)
     hist.scatter_add_(1, count, probs)
     above = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # above[m] = mass of tokens above the m-th threshold
     return torch.empty_like(above, dtype=torch.bool).scatter_(1, order, above < top_p)
 
 
-def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
-    """One token per row from processed logits. Exponential race: argmax(p / E), E ~ Exp(1), draws from p
-    with no host sync. With top-p, the race's first RACE_CANDIDATES winners are checked against the nucleus
-    and the first one inside it is taken: the race order restricted to a subset is a race on that subset,
-    so this is an exact nucleus sample, unless all candidates fall outside the nucleus (probability about
-    (1 - top_p)^16; then the most likely token, always in the nucleus, is taken)."""
+def next_token(logits: Tensor, noise: Tensor | None, seen: Tensor | None, p: SamplingParams) -> tuple[Tensor, Tensor]:
+    """One token per row, and its log-prob under the raw logits (fp32 [B, V] in).
+
+    Sampling is an exponential race, argmax(probs / E) with E ~ Exp(1) (`noise`): an exact draw with no
+    host sync. With top-p, the race's first RACE_CANDIDATES winners are checked against the nucleus and
+    the first one inside it is taken; the race order restricted to a subset is a race on that subset, so
+    this is an exact nucleus sample unless every candidate falls outside the nucleus (probability about
+    (1 - top_p)^16), when the most likely token, always in the nucleus, is taken."""
+    x = process_logits(logits, p, seen)
     if p.temperature <= 0:
-        return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    race = probs / torch.empty_like(probs).exponential_(generator=gen)
-    if p.top_p >= 1.0:
-        return race.argmax(-1)
-    cand = race.topk(min(RACE_CANDIDATES, probs.shape[-1]), dim=-1).indices  # in race order
-    keep = nucleus_keep(probs, cand, p.top_p)
-    first = cand.gather(1, keep.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
-    return torch.where(keep.any(1), first, probs.argmax(-1))
+        tok = x.argmax(-1)
+    else:
+        probs = x.softmax(-1)
+        race = probs / noise
+        if p.top_p >= 1.0:
+            tok = race.argmax(-1)
+        else:
+            cand = race.topk(min(RACE_CANDIDATES, probs.shape[-1]), dim=-1).indices  # in race order
+            keep = nucleus_keep(probs, cand, p.top_p)
+            first = cand.gather(1, keep.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
+            tok = torch.where(keep.any(1), first, probs.argmax(-1))
+    return tok, logits.gather(1, tok[:, None]).squeeze(1) - logits.logsumexp(-1)
+
+
+_next_token_compiled = None
+
+
+def _picker(device: torch.device):
+    """`next_token`, compiled on CUDA (a handful of fused kernels instead of dozens of passes)."""
+    global _next_token_compiled
+    if device.type != "cuda" or not _use_compile():
+        return next_token
+    if _next_token_compiled is None:
+        _next_token_compiled = torch.compile(next_token, dynamic=True)
+    return _next_token_compiled
 
 
 def _state_key(model: Transformer) -> tuple:
@@ -313,6 +335,7 @@ def _run_batch(model, prompts, rows, max_new, params, stops, gen) -> list[Comple
     pos = lens.clone()
     write = torch.tensor([P], device=device)
     dec = _Decoder(model, cache, S)
+    pick = _picker(device)
     B = B0
     for t in range(max_new):
         if t > 0:
@@ -320,8 +343,8 @@ def _run_batch(model, prompts, rows, max_new, params, stops, gen) -> list[Comple
             logits = dec(tok, pos, valid[:, None, None, :], write)
             pos += 1
             write += 1
-        nxt = sample(process_logits(logits, params, seen), params, gen)
-        chosen = logits.gather(1, nxt[:, None]).squeeze(1) - logits.logsumexp(-1)
+        noise = torch.empty_like(logits).exponential_(generator=gen) if params.temperature > 0 else None
+        nxt, chosen = pick(logits, noise, seen, params)
         active = ~done
         out_tok[row_id, t] = torch.where(active, nxt, 0)
         out_lp[row_id, t] = torch.where(active, chosen, 0.0)

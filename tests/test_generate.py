@@ -163,3 +163,14 @@ def test_sampling_frequencies_match_softmax(pair, T, k, p):
     df = int(keep.sum()) - 1
     assert df >= 3, "the test distribution is too peaked to say anything"
     assert chi2 < chi2_critical(df), (chi2, df)
+
+
+def test_nucleus_keep_cuda_form_equals_cpu_form(monkeypatch):
+    """The broadcast form used on CUDA and the bucket form used on CPU decide the same memberships."""
+    g = torch.Generator().manual_seed(4)
+    probs = (torch.randn(8, 300, generator=g) * 2).softmax(-1)
+    cand = torch.stack([torch.randperm(300, generator=g)[:16] for _ in range(8)])
+    cpu = G.nucleus_keep(probs, cand, 0.7)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert torch.equal(G.nucleus_keep(probs, cand, 0.7), cpu)
+    assert cpu.any() and not cpu.all()
