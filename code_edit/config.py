@@ -26,6 +26,7 @@ class ModelSettings:
     source: str  # hub id, local dir, .gguf path or embedded name; resolved by model.load_model
     dtype: str  # "bfloat16" | "float16" | "float32"
     max_seq_len: int  # prompt + completion cap for every generation (reference: max_model_len 1536)
+    grad_checkpointing: bool  # recompute layer activations in backward (SFT and distillation): memory for time
 
 
 @dataclass(frozen=True)

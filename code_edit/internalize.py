@@ -1,16 +1,22 @@
-"""Stage 2, causal internalization (METHOD.md 3.3-3.5): the model-free pieces.
+"""Stage 2, causal internalization (METHOD.md 3.3-3.6): on-policy distillation of the LoRA student.
 
 The prompt pool (closed-book student rows paired with open-book teacher rows) and the step
-schedule. Rollouts, teacher/student forwards and the loss use the model and live beside these.
+schedule, then the loop that draws prompts each step and hands them to train.distill.Distiller
+(rollouts, teacher/student forwards and the loss live there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from code_edit.data import EditRequest
 from code_edit.prompts import Messages, student_messages, student_user_content, teacher_messages
+
+log = logging.getLogger(__name__)
 
 # Variant multisets per question (reference _expand_stage3_requests).
 CAUSAL_VARIANTS = ("what_changed", "what_changed", "think_step", "think_step", "direct", "direct", "sft")
@@ -86,3 +92,96 @@ def max_steps(num_edits: int, *, base: int, per_extra_edit: int, override: int =
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     """max(1, round(warmup_ratio * total_steps)) (Python rounding, as the reference): 20 -> 4, 35 -> 7."""
     return max(1, round(warmup_ratio * total_steps))
+
+
+def prompt_draws(num_rows: int, per_step: int, steps: int, seed: int) -> list[list[int]]:
+    """Row indices for every step: walk seeded shuffles of the pool (a fresh permutation once one is
+    used up, like TRL's sampler), never repeating a row within a step when the pool allows it."""
+    if num_rows < 1 or per_step < 1:
+        raise ValueError(f"need rows and prompts per step >= 1, got {num_rows}, {per_step}")
+    rng = random.Random(seed)
+    queue: list[int] = []
+    draws = []
+    for _ in range(steps):
+        step: list[int] = []
+        while len(step) < per_step:
+            if not queue:
+                queue = list(range(num_rows))
+                rng.shuffle(queue)
+            fresh = [i for i in queue if i not in step]
+            pick = fresh[0] if fresh and len(step) < num_rows else queue[0]
+            queue.remove(pick)
+            step.append(pick)
+        draws.append(step)
+    return draws
+
+
+def distill_prompts(tok: Any, rows: Sequence[PoolRow], *, max_prompt_length: int) -> list[Any]:
+    """DistillPrompt token ids per row: student = the closed-book user turn (left-truncated to
+    max_prompt_length, as TRL truncates prompts); teacher = cheat-sheet system turn + the same user turn."""
+    from train.distill import DistillPrompt
+
+    out = []
+    for row in rows:
+        student = tok.encode(tok.chat(row.student_messages, add_generation_prompt=True))
+        if len(student) > max_prompt_length:
+            student = student[-max_prompt_length:]
+        teacher = tok.encode(tok.chat(row.teacher_messages, add_generation_prompt=True))
+        out.append(DistillPrompt(student_ids=student, teacher_ids=teacher, prompt_index=row.prompt_index))
+    return out
+
+
+def distill_config(cfg: Any, steps: int) -> Any:
+    """train.distill.DistillConfig from the preset's [internalize] values."""
+    from train.distill import DistillConfig
+
+    it = cfg.internalize
+    return DistillConfig(
+        lr=it.learning_rate, max_steps=steps, warmup_steps=warmup_steps(steps, it.warmup_ratio),
+        max_grad_norm=it.max_grad_norm, rollouts_per_prompt=it.rollouts_per_prompt, micro_batches=it.micro_batches,
+        max_completion_length=it.max_completion_length, temperature=it.temperature, top_p=it.top_p, top_k=it.top_k,
+        direction=it.direction, support_top_k=it.top_k_support, kd_temperature=it.kd_temperature,
+        rep_ngram=it.repetition_ngram_n, rep_window=it.repetition_window, rep_threshold=it.repetition_threshold,
+        seq_weight_temperature=it.seq_weight_temperature, grad_checkpointing=cfg.model.grad_checkpointing,
+        seed=it.seed, repetition_penalty=it.repetition_penalty,
+        mask_truncated_completions=it.mask_truncated_completions,
+    )
+
+
+def internalize(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: Any, *, seed: int,
+                teacher: Callable[[], Any] | None = None,
+                on_step: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
+    """Run stage 2 on the LoRA already on `model`: pool -> steps x prompts_per_step rows -> Distiller.step.
+
+    teacher: None = the base model (LoRA disabled, the default T0_S1); or a context-manager factory
+    (e.g. `lambda: swapped(model, snapshot)`) for a frozen adapter teacher (S=T).
+    on_step(step, total, stats) is called after every optimizer step. Returns a summary.
+    """
+    from model.lora import lora_parameters
+    from train.distill import Distiller
+
+    it = cfg.internalize
+    rows = prompt_pool(requests, mode=cfg.editing_mode, cake=it.cake_data, replica_times=it.data_replica_times)
+    steps = max_steps(len(requests), base=it.max_steps_base, per_extra_edit=it.max_steps_per_extra_edit,
+                      override=it.max_steps)
+    draws = prompt_draws(len(rows), it.prompts_per_step, steps, seed)
+    prompts = distill_prompts(tok, rows, max_prompt_length=it.max_prompt_length)
+    if not it.disable_dropout:
+        log.warning("internalize.disable_dropout = false is not supported: train.distill always trains with "
+                    "LoRA dropout off")
+    distiller = Distiller(model, lora_parameters(model), distill_config(cfg, steps), list(tok.eos_ids),
+                          teacher=teacher)
+    history = []
+    for step, idx in enumerate(draws):
+        stats = dict(distiller.step([prompts[i] for i in idx], seed=seed + step) or {})
+        stats["prompt_indices"] = [rows[i].prompt_index for i in idx]
+        history.append(stats)
+        log.info("internalize step %d/%d: %s", step + 1, steps,
+                 {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        if on_step:
+            on_step(step + 1, steps, stats)
+    losses = [h["loss"] for h in history if isinstance(h.get("loss"), (int, float))]
+    return {"steps": steps, "rows": len(rows), "warmup_steps": warmup_steps(steps, it.warmup_ratio),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "history": history}
+
