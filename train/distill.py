@@ -1,0 +1,324 @@
+"""One on-policy distillation step (causal internalization, METHOD.md 3.5-3.6).
+
+The student (LoRA on, dropout off) samples rollouts for closed-book prompts; the teacher (the same
+network with LoRA off, or a teacher adapter) scores them with the open-book prompt; the student is
+pulled toward the teacher's next-token distributions on its own rollouts by the fused top-k KL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.generate import Completion, generate
+from model.lora import disabled
+from train.losses import DIRECTIONS, distill_loss, token_logprobs
+
+
+@dataclass
+class DistillConfig:
+    lr: float
+    max_steps: int
+    warmup_steps: int
+    max_grad_norm: float = 0.5
+    rollouts_per_prompt: int = 9
+    micro_batches: int = 2  # gradient accumulation; the result equals one big batch
+    max_completion_length: int = 180
+    temperature: float = 1.0  # rollout sampling
+    top_p: float = 0.9
+    top_k: int = 0
+    direction: str = "forward"  # "forward" KL(teacher||student) | "reverse" | "jsd"
+    support_top_k: int = 24  # KL on the union of each model's top-k per token; 0 = full vocabulary
+    kd_temperature: float = 1.0  # both models' logits are divided by this (KL and sequence scores)
+    beta: float = 0.5  # for "jsd"
+    rep_ngram: int = 3
+    rep_window: int = 48
+    rep_threshold: float = 0.15  # a rollout whose repeated-n-gram ratio exceeds this gets weight 0
+    seq_weight_temperature: float = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 3407  # rollout seed of step k is seed + k unless step() is given one
+    repetition_penalty: float = 1.0  # rollout sampling (the reference leaves it at 1.0)
+    mask_truncated_completions: bool = False  # weight 0 for rollouts cut at max_completion_length
+
+
+@dataclass
+class DistillPrompt:
+    student_ids: list[int]  # closed-book prompt (the rollouts are sampled from it)
+    teacher_ids: list[int]  # open-book prompt (the teacher reads the same completion after it)
+    prompt_index: int  # identity of the prompt: rollouts are grouped by it
+
+
+def constant_with_warmup(step: int, warmup: int) -> float:
+    """LR multiplier at optimizer step `step` (0-based), as transformers' constant_with_warmup:
+    step/warmup during warmup (the first step has lr 0, as in the reference), then 1."""
+    return step / max(1, warmup) if step < warmup else 1.0
+
+
+def repetition_ratio(tokens: Sequence[int], n: int = 3, window: int = 48) -> float:
+    """1 - (#distinct n-grams / #n-grams) over the last `window` tokens (at least n are looked at);
+    0 when there are fewer than n tokens."""
+    tail = list(tokens)[-max(window, n):]
+    grams = [tuple(tail[i:i + n]) for i in range(len(tail) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def sequence_weights(scores: torch.Tensor, groups: Sequence[int], temperature: float = 1.0) -> torch.Tensor:
+    """Softmax of scores / temperature within each group (rows with the same group id, wherever they
+    sit in the batch). Every group's weights sum to 1."""
+    if scores.dim() != 1 or len(groups) != scores.shape[0]:
+        raise ValueError(f"sequence_weights: scores must be [R] with one group id per row, got "
+                         f"{tuple(scores.shape)} and {len(groups)} ids")
+    if not temperature > 0:
+        raise ValueError(f"sequence_weights: temperature must be > 0, got {temperature}")
+    g = torch.as_tensor(list(groups), device=scores.device)
+    out = torch.empty_like(scores, dtype=torch.float32)
+    for key in g.unique().tolist():
+        rows = (g == key).nonzero().squeeze(1)
+        out[rows] = (scores[rows].float() / temperature).softmax(0)
+    return out
+
+
+def _check_config(cfg: DistillConfig) -> None:
+    if cfg.direction not in DIRECTIONS:
+        raise ValueError(f"DistillConfig.direction must be one of {DIRECTIONS}, got {cfg.direction!r}")
+    for name in ("rollouts_per_prompt", "micro_batches", "max_completion_length", "rep_ngram", "max_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("lr", "max_grad_norm", "kd_temperature", "seq_weight_temperature"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"DistillConfig.{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.warmup_steps < 0 or cfg.support_top_k < 0 or cfg.top_k < 0:
+        raise ValueError("DistillConfig: warmup_steps, support_top_k and top_k must be >= 0")
+
+
+class _NoDropout(contextlib.AbstractContextManager):
+    """LoRA dropout 0 inside the block (the stage trains with dropout off), restored after."""
+
+    def __init__(self, model: nn.Module):
+        self.mods = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "dropout")]
+
+    def __enter__(self):
+        self.saved = [m.dropout for m in self.mods]
+        for m in self.mods:
+            m.dropout = 0.0
+
+    def __exit__(self, *exc):
+        for m, p in zip(self.mods, self.saved):
+            m.dropout = p
+
+
+@dataclass
+class _Rows:
+    """One micro-batch: right-padded [prompt ; completion[:-1]] for each model and where the
+    completion tokens are predicted (flat indices into [rows * T])."""
+
+    student_ids: torch.Tensor
+    teacher_ids: torch.Tensor
+    student_pos: torch.Tensor
+    teacher_pos: torch.Tensor
+    targets: torch.Tensor  # completion tokens, concatenated over rows
+    row_of_token: torch.Tensor  # which rollout (global index) each target belongs to
+    sampler_logprobs: torch.Tensor  # the sampler's log-probs of the targets (raw, T=1)
+
+
+def _pack(seqs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (pad 0; padding sits after the real tokens, so the causal mask hides it) and
+    the flat positions predicting each completion token."""
+    T = max(len(p) + len(c) - 1 for p, c in seqs)
+    ids = torch.zeros((len(seqs), T), dtype=torch.long)
+    pos = []
+    for b, (p, c) in enumerate(seqs):
+        s = (p + c)[:-1]
+        ids[b, : len(s)] = torch.tensor(s)
+        pos.append(torch.arange(len(p) - 1, len(p) - 1 + len(c)) + b * T)
+    return ids.to(device), torch.cat(pos).to(device)
+
+
+class Distiller:
+    """Holds the optimizer and the step counter of one distillation run; `step()` is one update."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], cfg: DistillConfig, stop_ids: list[int], *,
+                 teacher: Callable[[], contextlib.AbstractContextManager] | None = None):
+        """teacher: a factory of context managers inside which the model IS the teacher. None = the base
+        model, LoRA disabled (METHOD.md 3.4 default S=1, T=0); for S=T pass e.g.
+        `lambda: lora.swapped(model, teacher_snapshot)`."""
+        _check_config(cfg)
+        if not params or not all(p.requires_grad for p in params):
+            raise ValueError("Distiller: params must be a non-empty list of parameters that require grad")
+        self.model, self.params, self.cfg = model, list(params), cfg
+        self.stop_ids = list(stop_ids)
+        self.teacher = teacher or (lambda: disabled(model))
+        self.device = model.lm_head.weight.device
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                     fused=self.device.type == "cuda")
+        self.steps_done = 0
+        self.last_rollouts: list[Completion] = []  # the previous step's rollouts (for logging)
+
+    @property
+    def finished(self) -> bool:
+        """cfg.max_steps steps taken (the caller loops `while not d.finished`; the lr is constant after warmup)."""
+        return self.steps_done >= self.cfg.max_steps
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _check_prompts(self, prompts: list[DistillPrompt]) -> None:
+        if not prompts:
+            raise ValueError("Distiller.step: no prompts")
+        vocab = self.model.config.vocab_size
+        seen = set()
+        for p in prompts:
+            if p.prompt_index in seen:
+                # Two entries with one id would merge into one softmax group; say so instead.
+                raise ValueError(f"Distiller.step: prompt_index {p.prompt_index} appears twice in one step")
+            seen.add(p.prompt_index)
+            for name in ("student_ids", "teacher_ids"):
+                ids = getattr(p, name)
+                if not ids:
+                    raise ValueError(f"Distiller.step: prompt {p.prompt_index} has empty {name}")
+                if min(ids) < 0 or max(ids) >= vocab:
+                    raise ValueError(f"Distiller.step: prompt {p.prompt_index} {name} has ids outside [0, {vocab})")
+
+    def _micro_batches(self, prompts: list[DistillPrompt], rollouts: list[Completion]) -> list[_Rows]:
+        # Longest first, then equal row counts: any split gives the same result (global normaliser).
+        order = sorted(range(len(rollouts)),
+                       key=lambda r: -(len(prompts[rollouts[r].prompt_index].student_ids) + len(rollouts[r].tokens)))
+        n_mb = min(self.cfg.micro_batches, len(order))
+        size = -(-len(order) // n_mb)
+        out = []
+        for m0 in range(0, len(order), size):
+            rows = order[m0:m0 + size]
+            comps = [rollouts[r].tokens for r in rows]
+            s_ids, s_pos = _pack([(prompts[rollouts[r].prompt_index].student_ids, c) for r, c in zip(rows, comps)],
+                                 self.device)
+            t_ids, t_pos = _pack([(prompts[rollouts[r].prompt_index].teacher_ids, c) for r, c in zip(rows, comps)],
+                                 self.device)
+            targets = torch.tensor([t for c in comps for t in c], device=self.device)
+            row_of = torch.tensor([r for r, c in zip(rows, comps) for _ in c], device=self.device)
+            lp = torch.tensor([x for r in rows for x in rollouts[r].logprobs], device=self.device)
+            out.append(_Rows(s_ids, t_ids, s_pos, t_pos, targets, row_of, lp))
+        return out
+
+    @staticmethod
+    def _gather(hidden: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def compute_gradients(self, prompts: list[DistillPrompt], *, seed: int | None = None) -> dict:
+        """Sample, score and backpropagate one step's loss into the params' .grad (no optimizer step).
+        Returns the statistics that `step` reports (without lr / grad_norm). seed: the rollouts'
+        sampling seed; None = cfg.seed + steps taken."""
+        cfg, model = self.cfg, self.model
+        seed = cfg.seed + self.steps_done if seed is None else seed
+        self._check_prompts(prompts)
+        W = model.lm_head.weight
+        was_training, ckpt_before = model.training, model.gradient_checkpointing
+        t0 = self._sync()
+        with _NoDropout(model):
+            try:
+                # 1. rollouts from the student, as it is now (generate runs in eval mode)
+                rollouts = generate(model, [p.student_ids for p in prompts], max_new_tokens=cfg.max_completion_length,
+                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                    repetition_penalty=cfg.repetition_penalty, num_samples=cfg.rollouts_per_prompt,
+                                    stop_ids=self.stop_ids, seed=seed)
+                self.last_rollouts = rollouts
+                t1 = self._sync()
+                R = len(rollouts)
+                # Every rollout has >= 1 token (max_completion_length >= 1); its tokens are exactly the
+                # completion mask's valid tokens: generation ends at the first stop token, included.
+                lengths = torch.tensor([len(c.tokens) for c in rollouts], dtype=torch.float32, device=self.device)
+                groups = [prompts[c.prompt_index].prompt_index for c in rollouts]
+                keep = torch.tensor([float(repetition_ratio(c.tokens, cfg.rep_ngram, cfg.rep_window)
+                                           <= cfg.rep_threshold) for c in rollouts], device=self.device)
+                if cfg.mask_truncated_completions:
+                    keep *= torch.tensor([float(c.finish_reason == "stop") for c in rollouts], device=self.device)
+                mbs = self._micro_batches(prompts, rollouts)
+
+                # 2. teacher forward for all micro-batches first (the teacher context may swap weights,
+                #    which must not happen under a pending student backward); keep only completion rows
+                model.eval()
+                teacher_h, score_sum = [], torch.zeros(R, device=self.device)
+                with torch.no_grad(), self.teacher():
+                    for mb in mbs:
+                        h = self._gather(model.hidden(mb.teacher_ids), mb.teacher_pos)
+                        teacher_h.append(h)
+                        # sequence score: teacher's mean log-prob of the sampled tokens, at kd_temperature
+                        # (the reference divides the logits by it before everything else)
+                        lp = token_logprobs(h, W, mb.targets, temperature=cfg.kd_temperature)
+                        score_sum.index_add_(0, mb.row_of_token, lp)
+                seq_w = sequence_weights(score_sum / lengths, groups, cfg.seq_weight_temperature)
+                row_w = seq_w * keep  # softmax over all of a prompt's rollouts, then the keep flag (reference)
+                total_w = float((row_w * lengths).sum())  # sum over tokens of W = m * k * w
+                norm = max(total_w, 1e-8)
+                t2 = self._sync()
+
+                # 3. student forward + backward per micro-batch, each scaled to the global normaliser
+                model.gradient_checkpointing = cfg.grad_checkpointing
+                model.train()
+                loss_sum, kl_sum, kept_tokens, max_diff = 0.0, 0.0, 0.0, 0.0
+                for mb, th in zip(mbs, teacher_h):
+                    sh = self._gather(model.hidden(mb.student_ids), mb.student_pos)
+                    w_tok = row_w[mb.row_of_token]
+                    w_mb = float(w_tok.sum())
+                    loss = distill_loss(sh, th, W, w_tok, direction=cfg.direction, top_k=cfg.support_top_k,
+                                        temperature=cfg.kd_temperature, beta=cfg.beta)
+                    (loss * (w_mb / norm)).backward()
+                    loss_sum += float(loss.detach()) * w_mb / norm
+                    with torch.no_grad():
+                        sd = sh.detach()
+                        # unweighted KL per kept token, for the log
+                        k_tok = keep[mb.row_of_token]
+                        n_k = float(k_tok.sum())
+                        if n_k > 0:
+                            kl = distill_loss(sd, th, W, k_tok, direction=cfg.direction, top_k=cfg.support_top_k,
+                                              temperature=cfg.kd_temperature, beta=cfg.beta)
+                            kl_sum += float(kl) * n_k
+                            kept_tokens += n_k
+                        # no importance-sampling factor: sampler and trainer are one network, so check it
+                        mine = token_logprobs(sd, W, mb.targets)
+                        max_diff = max(max_diff, float((mine - mb.sampler_logprobs).abs().max()))
+                    del sh, loss
+                t3 = self._sync()
+            finally:
+                model.gradient_checkpointing = ckpt_before
+                model.train(was_training)
+        return {
+            "loss": loss_sum,
+            "kl_per_token": kl_sum / kept_tokens if kept_tokens else 0.0,
+            "kept_fraction": float(keep.mean()),
+            "weight_sum": total_w,
+            "completion_length": float(lengths.mean()),
+            "stopped_fraction": sum(c.finish_reason == "stop" for c in rollouts) / R,
+            "max_logprob_diff": max_diff,
+            "rollouts": R,
+            "generate_s": t1 - t0,
+            "teacher_s": t2 - t1,
+            "student_s": t3 - t2,
+        }
+
+    def step(self, prompts: list[DistillPrompt], *, seed: int | None = None) -> dict:
+        """One optimizer step: rollouts, teacher and student forwards, weighted KL, clip, AdamW."""
+        t0 = self._sync()
+        lr = self.cfg.lr * constant_with_warmup(self.steps_done, self.cfg.warmup_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        stats = self.compute_gradients(prompts, seed=seed)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        stats.update(step=self.steps_done, lr=lr, grad_norm=gnorm, seconds=self._sync() - t0)
+        return stats
