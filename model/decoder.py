@@ -93,9 +93,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: tuple[Tensor, Tensor] | None = None, write_idx: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), getattr(self, "fused", None))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -133,7 +134,21 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), getattr(self, "fused", None))
+        return self.down_proj(F.silu(gate) * up)
+
+
+def project(x: Tensor, mods: tuple[nn.Module, ...], fused: tuple[Tensor, Tensor | None] | None) -> list[Tensor]:
+    """Several projections of one input. With fused weights (see `Transformer.fuse_projections`) the base
+    products are one matmul, and each module's adapter term (LoRA `delta`) is added to its slice."""
+    if fused is None or any(getattr(m, "merged", False) for m in mods):
+        return [m(x) for m in mods]
+    outs = F.linear(x, *fused).split([m.weight.shape[0] for m in mods], dim=-1)
+    res = []
+    for out, m in zip(outs, mods):
+        d = m.delta(x) if hasattr(m, "delta") else None
+        res.append(out if d is None else out + m.scale * d)
+    return res
 
 
 class Block(nn.Module):
@@ -181,6 +196,34 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Store q/k/v and gate/up weights in one tensor each, the modules' parameters becoming views of
+        it: one matmul instead of three (two) with no extra memory. Names, LoRA and PEFT keys unchanged.
+        Redone automatically after `.to()`/`.cuda()`, which would otherwise split the storage again."""
+        for layer in self.model.layers:
+            for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))):
+                mods = [getattr(owner, n) for n in names]
+                if mods[0].weight.is_meta:
+                    return
+                w = torch.cat([m.weight for m in mods])
+                b = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
+                start = 0
+                for m in mods:
+                    n = m.weight.shape[0]
+                    m.weight = nn.Parameter(w[start:start + n], requires_grad=False)
+                    if b is not None:
+                        m.bias = nn.Parameter(b[start:start + n], requires_grad=False)
+                    start += n
+                owner.fused = (w, b)
+        self._fused = True
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_fused", False):
+            self.fuse_projections()
+        return out
 
     def reset_rope(self) -> None:
         """Recompute the RoPE buffer on the model's device (after meta-device construction)."""

@@ -101,6 +101,7 @@ def build(cfg: ModelConfig, tensors: dict[str, Tensor], origin: dict[str, str], 
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()
+    model.fuse_projections()
     return model.requires_grad_(False).eval()
 
 
@@ -143,4 +144,6 @@ def tiny_random(*, dtype: torch.dtype = torch.float32, device: torch.device | st
     for name, p in model.named_parameters():
         if not name.endswith("norm.weight"):
             p.data.normal_(0.0, 0.05, generator=g)
-    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    model = model.to(device=device, dtype=dtype)
+    model.fuse_projections()
+    return model.requires_grad_(False).eval()

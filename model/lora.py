@@ -66,14 +66,19 @@ class LoraLinear(nn.Module):
                 raise RuntimeError("LoRA is merged: the adapter gets no gradient; unmerge() before training")
             return F.linear(x, self.base_weight if self.disabled else self.weight, self.bias)
         out = F.linear(x, self.weight, self.bias)
-        if self.disabled:
-            return out
-        h = F.dropout(x, self.dropout, True) if self.training and self.dropout > 0 else x
-        # .to() is a no-op when dtypes agree; on a bf16 base it casts the small A, B (not x).
-        lora = F.linear(F.linear(h, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        d = self.delta(x)
         # In place is safe: the base matmul does not save its output for backward. (A fused addmm_ is
         # a few % faster eagerly but slower under torch.compile, where this add fuses with the casts.)
-        return out.add_(lora, alpha=self.scale)
+        return out if d is None else out.add_(d, alpha=self.scale)
+
+    def delta(self, x: Tensor) -> Tensor | None:
+        """The unscaled adapter term B(A(dropout(x))), or None when the adapter is off or merged. The
+        decoder adds `scale * delta` to its fused q/k/v and gate/up products."""
+        if self.disabled or self.merged:
+            return None
+        h = F.dropout(x, self.dropout, True) if self.training and self.dropout > 0 else x
+        # .to() is a no-op when dtypes agree; on a bf16 base it casts the small A, B (not x).
+        return F.linear(F.linear(h, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.lora_A.shape[0]}, "
