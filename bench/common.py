@@ -32,6 +32,7 @@ def random_model(hf_cfg: dict = QWEN25_7B, *, layers: int | None = None, seed: i
             else:
                 p.normal_(0.0, 0.02)
     model.reset_rope()
+    model.fuse_projections()
     return model.requires_grad_(False).eval()
 
 
