@@ -40,6 +40,7 @@ def build(hf_cfg: dict, device: torch.device, layers: int | None) -> Transformer
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    model.fuse_projections()
     return model.requires_grad_(False).eval()
 
 

@@ -50,7 +50,7 @@ class DistillConfig:
 class DistillPrompt:
     student_ids: list[int]  # closed-book prompt (the rollouts are sampled from it)
     teacher_ids: list[int]  # open-book prompt (the teacher reads the same completion after it)
-    prompt_index: int  # identity of the prompt: rollouts are grouped by it
+    prompt_index: int  # the prompt's row in the caller's pool (reported back; rollouts are grouped per entry)
 
 
 def constant_with_warmup(step: int, warmup: int) -> float:
@@ -177,12 +177,7 @@ class Distiller:
         if not prompts:
             raise ValueError("Distiller.step: no prompts")
         vocab = self.model.config.vocab_size
-        seen = set()
         for p in prompts:
-            if p.prompt_index in seen:
-                # Two entries with one id would merge into one softmax group; say so instead.
-                raise ValueError(f"Distiller.step: prompt_index {p.prompt_index} appears twice in one step")
-            seen.add(p.prompt_index)
             for name in ("student_ids", "teacher_ids"):
                 ids = getattr(p, name)
                 if not ids:
@@ -239,7 +234,9 @@ class Distiller:
                 # Every rollout has >= 1 token (max_completion_length >= 1); its tokens are exactly the
                 # completion mask's valid tokens: generation ends at the first stop token, included.
                 lengths = torch.tensor([len(c.tokens) for c in rollouts], dtype=torch.float32, device=self.device)
-                groups = [prompts[c.prompt_index].prompt_index for c in rollouts]
+                # Groups: the rollouts of each entry of `prompts`, by the id generate() gives them (an entry
+                # drawn twice is two groups of rollouts_per_prompt, as in the reference's sampler).
+                groups = [c.prompt_index for c in rollouts]
                 keep = torch.tensor([float(repetition_ratio(c.tokens, cfg.rep_ngram, cfg.rep_window)
                                            <= cfg.rep_threshold) for c in rollouts], device=self.device)
                 if cfg.mask_truncated_completions:
