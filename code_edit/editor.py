@@ -175,7 +175,7 @@ class Editor:
             release(model)
             with stages("sft"):
                 if data.examples:
-                    stats["sft"] = _summary(run_sft(model, data.examples, cfg))
+                    stats["sft"] = _summary(run_sft(model, data.examples, cfg, log_fn=_every(10, "sft")))
                 else:
                     log.warning("%s: no bootstrapped example at all; SFT skipped, distillation starts from the "
                                 "fresh adapter", ", ".join(r.where for r in requests))
@@ -289,6 +289,14 @@ def _has_lora(model: Any) -> bool:
     from model.lora import has_lora
 
     return has_lora(model)
+
+
+def _every(n: int, what: str):
+    """A training-log callback that writes every n-th step to the run log."""
+    def log_step(d: dict) -> None:
+        if d.get("step", 0) % n == 0:
+            log.info("%s %s", what, {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()})
+    return log_step
 
 
 def _summary(stats: Any) -> dict:
