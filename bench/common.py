@@ -43,7 +43,6 @@ def hf_twin(model: Transformer, hf_cfg: dict = QWEN25_7B):
     kw = {k: v for k, v in hf_cfg.items() if k != "architectures"}
     kw["num_hidden_layers"] = model.config.num_layers
     cfg = AutoConfig.for_model("qwen2", **kw)
-    device = model.lm_head.weight.device
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=model.lm_head.weight.dtype, attn_implementation="sdpa")
     hf.load_state_dict(model.state_dict(), assign=True, strict=True)

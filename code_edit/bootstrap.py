@@ -11,9 +11,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 import torch
 
+from eval.files import atomic_write_json
 from code_edit.prompts import (answer_sentence, bootstrap_messages, completion_text, reward_messages,
                                sft_messages)
 from model.generate import generate
@@ -158,21 +157,9 @@ def cache_get(cache_dir: str | Path, key: str) -> dict[str, Any] | None:
 
 def cache_put(cache_dir: str | Path, key: str, *, z_star: str, new_answer: str, old_answer: str,
               question: str) -> Path:
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = _entry_path(cache_dir, key)
+    path = _entry_path(Path(cache_dir), key)
     entry = {"key": key, "z_star": z_star, "new_answer": new_answer, "old_answer": old_answer, "question": question}
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".entry.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entry, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, entry)  # temp file + fsync + rename: readers never see a torn entry
     return path
 
 

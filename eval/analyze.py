@@ -455,7 +455,7 @@ def run_analyze(input_path: str | Path, backend: Backend, *, output: str | Path 
 def report_lines(res: dict) -> list[str]:
     s = res["summary"]
     lines = [f"Self-refutation analysis   judge: {res['judge']}",
-             f"items: " + ", ".join(f"{k} {v}" for k, v in sorted(res["item_counts"].items()))
+             "items: " + ", ".join(f"{k} {v}" for k, v in sorted(res["item_counts"].items()))
              + f"; ERROR items (not scored): {res['item_errors']} in {res['rewrites_with_errors']} rewrites"]
     for why, n in sorted(res["skipped"].items()):
         lines.append(f"skipped: {n} x {why}")

@@ -337,6 +337,7 @@ def _run_batch(model, prompts, rows, max_new, params, stops, gen) -> list[Comple
     dec = _Decoder(model, cache, S)
     pick = _picker(device)
     B = B0
+    tok = None  # the token fed to the next decode step (step 0 reads the prefill's logits)
     for t in range(max_new):
         if t > 0:
             valid[:, P + t - 1] = True
