@@ -34,7 +34,7 @@ class GenConfig:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.1
-    batch_size: int = 32
+    batch_size: int | None = None  # prompts per generate call; None: all (the engine plans memory)
     seed: int | None = None
 
 
@@ -168,8 +168,9 @@ def model_answer_fn(model: Any, tokenizer: Any, gen: GenConfig) -> AnswerFn:
                for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
         out: list[str] = [""] * len(ids)
-        for start in range(0, len(order), max(1, gen.batch_size)):
-            chunk = order[start:start + gen.batch_size]
+        size = max(1, gen.batch_size or len(order))
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
             comps = generate(model, [ids[i] for i in chunk], max_new_tokens=gen.max_new_tokens,
                              temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
                              repetition_penalty=gen.repetition_penalty, num_samples=1,
