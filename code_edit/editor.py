@@ -257,9 +257,8 @@ class Editor:
 
     def gen_config(self) -> GenConfig:
         e = self.cfg.eval
-        bs = self.eval_batch_size or (64 if self.device.type == "cuda" else 32)
         return GenConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-                         repetition_penalty=e.repetition_penalty, batch_size=bs, seed=0)
+                         repetition_penalty=e.repetition_penalty, batch_size=self.eval_batch_size, seed=0)
 
     def _evaluate(self, case: dict) -> dict:
         base = self.answer_fn or model_answer_fn(self.model, self.tok, self.gen_config())
