@@ -24,7 +24,7 @@ class HparamsError(ValueError):
 @dataclass(frozen=True)
 class ModelSettings:
     source: str  # hub id, local dir, .gguf path or embedded name; resolved by model.load_model
-    dtype: str  # "bfloat16" | "float16" | "float32"
+    dtype: str  # "bfloat16" | "float16" | "float32" | "auto" (the loader's default: bf16 on CUDA, fp32 on CPU)
     max_seq_len: int  # prompt + completion cap for every generation (reference: max_model_len 1536)
     grad_checkpointing: bool  # recompute layer activations in backward (SFT and distillation): memory for time
 
@@ -168,7 +168,7 @@ class CausalEditConfig:
 
 _CHOICES = {
     "editing_mode": ("causal", "noncausal"),
-    "model.dtype": ("bfloat16", "float16", "float32"),
+    "model.dtype": ("bfloat16", "float16", "float32", "auto"),
     "bootstrap.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "internalize.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "internalize.direction": ("forward", "reverse"),

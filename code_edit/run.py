@@ -355,7 +355,7 @@ def _execute_locked(args, p: Prepared, run_dir: Path, run_args: dict, resuming: 
         return run_dir
 
     editor = (editor_factory or load_editor)(args, p, run_dir)
-    info.update(device=str(editor.device))
+    info.update(device=str(editor.device), model_dtype=str(editor.model.lm_head.weight.dtype).removeprefix("torch."))
     atomic_write_json(meta / "run_info.json", info)
     from tqdm import tqdm
 
@@ -405,7 +405,8 @@ def load_editor(args: Any, p: Prepared, run_dir: Path) -> Editor:
     source = args.model_path or p.cfg.model.source
     device = torch.device(args.device) if args.device else default_device()
     log.info("loading %s (%s) on %s", source, p.cfg.model.dtype, device)
-    model = load_model(source, dtype=getattr(torch, p.cfg.model.dtype), device=device)
+    dtype = None if p.cfg.model.dtype == "auto" else getattr(torch, p.cfg.model.dtype)  # None: loader default
+    model = load_model(source, dtype=dtype, device=device)
     tok = load_tokenizer(source)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_root() / "bootstrap" / args.datatype
     return Editor(model, tok, p.cfg, p.method, model_id=str(source), cache_dir=cache_dir,

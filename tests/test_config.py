@@ -102,7 +102,7 @@ def get(cfg, dotted):
 
 
 def test_preset_list():
-    assert set(preset_names()) == set(VARIANTS) | {"tiny"}
+    assert set(preset_names()) == set(VARIANTS) | {"tiny", "demo"}
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
