@@ -197,7 +197,8 @@ def test_auto_dtype_is_the_loaders_default(tmp_path):
 
 
 def test_make_demo_runs_the_driver():
-    out = subprocess.run(["make", "-n", "demo", "DEMO_ARGS=--smoke"], cwd=REPO, capture_output=True, text=True,
-                         timeout=30)
+    # --no-print-directory: under `make test` this make is nested and would print "Entering directory"
+    out = subprocess.run(["make", "--no-print-directory", "-n", "demo", "DEMO_ARGS=--smoke"], cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert re.search(r"-m code_edit\.demo --smoke$", out.stdout.strip())
+    assert re.search(r"-m code_edit\.demo --smoke$", out.stdout.strip(), re.MULTILINE)
