@@ -55,13 +55,13 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
                 yield row
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
-    """json.load with an error that names the file."""
+def read_json(path: str | Path, what: str = "file", error: type[Exception] | None = None) -> Any:
+    """json.load with an error that names the file (FileNotFoundError / ValueError, or `error` for both)."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
+        raise (error or FileNotFoundError)(f"{path}: {what} not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise (error or ValueError)(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None

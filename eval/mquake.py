@@ -4,9 +4,10 @@ A bad record raises MQuAKEFormatError naming the file, the case_id and the field
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
+
+from .files import read_json
 
 # Cases the reference drops before running (METHOD.md 6.2).
 EXCLUDED_CASE_IDS: dict[str, frozenset[int]] = {"MQuAKE-CF-3k-v2": frozenset({35})}
@@ -20,7 +21,7 @@ def load_mquake(path: str | Path, *, require_articles: bool = False) -> list[dic
     """Read and validate an MQuAKE-format JSON list. With `require_articles`, every
     requested_rewrite must carry a non-empty `article` (a `*_causalenhanced` file)."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path, error=MQuAKEFormatError)
     if not isinstance(data, list):
         raise MQuAKEFormatError(f"{path}: expected a JSON list of cases, got {type(data).__name__}")
     seen: dict[Any, int] = {}
@@ -105,7 +106,7 @@ def load_articles(path: str | Path) -> dict[str, dict]:
     """Read a generated-articles file: {"{case_id}_{rewrite_idx}": {case_id, rewrite_idx, question,
     old_answer, new_answer, article}} (format of eval/data/MQuAKE-hard_articles_dev.json)."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path, error=MQuAKEFormatError)
     if not isinstance(data, dict):
         raise MQuAKEFormatError(f"{path}: expected an object keyed '{{case_id}}_{{rewrite_idx}}'")
     for key, entry in data.items():
@@ -141,16 +142,6 @@ def attach_articles(cases: list[dict], articles: dict[str, dict]) -> tuple[list[
 
 
 # ---------------------------------------------------------------------------------------------
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise MQuAKEFormatError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise MQuAKEFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
 
 def _check_article_entry(key: str, entry: Any, source: str) -> None:
     if not isinstance(entry, dict):

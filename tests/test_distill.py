@@ -15,13 +15,7 @@ from train.distill import (DistillConfig, Distiller, DistillPrompt, constant_wit
 from train.sft import SFTConfig, sft
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with the cores shared, more threads only wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def randomize_lora(model, seed=7, std=0.05):

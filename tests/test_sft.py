@@ -15,13 +15,7 @@ PROMPT = [1, 10, 11, 12, 13]
 COMPLETION = [20, 33, 41, 20, 55, 7, 2]  # 20 twice, in different contexts; 2 = end of turn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with the cores shared, more threads only wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(vocab: int = 64, seed: int = 0, head_std: float = 0.3) -> Transformer:
