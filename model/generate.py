@@ -159,6 +159,8 @@ class _Decoder:
     def __init__(self, model: Transformer, cache: KVCache, S: int):
         self.model, self.cache, self.S = model, cache, S
         self.cuda = cache.k[0].is_cuda and _use_graphs()
+        # The model cannot change during one generate call: key its graphs once, not per token.
+        self.state = _state_key(model) if self.cuda else None
         self.eng = _engine(model) if self.cuda else None
         self.fwd = _decode_forward
         if self.cuda and _use_compile():
@@ -175,7 +177,7 @@ class _Decoder:
         B = tok.shape[0]
         if not self.cuda:
             return self.fwd(self.model, tok, pos, mask, self.view(B), write_idx)
-        key = (B, self.S, _state_key(self.model))
+        key = (B, self.S, self.state)
         g = self.eng.graphs.get(key)
         if g is None:
             g = self._capture(B, tok, pos, mask, write_idx)
