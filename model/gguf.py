@@ -5,6 +5,7 @@ we undo it so the weights fit the `rotate_half` convention. Qwen GGUFs are store
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,16 @@ def open_reader(path: str | Path):
         raise ValueError(f"corrupt or unreadable GGUF file {path}: {e}") from None
 
 
-def metadata(reader) -> dict[str, Any]:
-    return {name: field.contents() for name, field in reader.fields.items()}
+def metadata(path: str | Path) -> dict[str, Any]:
+    """The file's key/value metadata, decoded once per file version (the model and the tokenizer
+    both need it; decoding the 49k-token vocabulary and merges takes seconds)."""
+    p = Path(path).resolve()
+    return _metadata(p, p.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _metadata(path: Path, mtime_ns: int) -> dict[str, Any]:
+    return {name: field.contents() for name, field in open_reader(path).fields.items()}
 
 
 def our_name(gguf_name: str, path: Path) -> str:
@@ -59,7 +68,7 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
 
     path = Path(path)
     reader = open_reader(path)
-    meta = metadata(reader)
+    meta = metadata(path)
     arch = meta.get("general.architecture")
     if arch not in _ARCHS:
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHS)}")

@@ -91,9 +91,9 @@ def _token_text(tok) -> str | None:
 
 def _from_gguf(path: Path) -> Tokenizer:
     """Rebuild the byte-level BPE tokenizer from the vocabulary, merges and pre-tokenizer type in the file."""
-    from .gguf import metadata, open_reader
+    from .gguf import metadata
 
-    meta = metadata(open_reader(path))
+    meta = metadata(path)
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"{path}: only byte-level BPE ('gpt2') GGUF tokenizers are supported, "
                          f"not {meta.get('tokenizer.ggml.model')!r}")
