@@ -3,7 +3,9 @@ evaluate unit by unit with a progress bar, and resume after a crash.
 
 `metrics.jsonl` (one fsynced line per finished case) is the run's source of truth; metrics.json and
 res.json are rebuilt from it atomically after every unit, so a kill -9 loses at most the unit in
-flight and a rerun never repeats or duplicates a finished case.
+flight and a rerun never repeats or duplicates a finished case. Under torchrun each rank edits a
+round-robin share of the units left and keeps its own journal (metrics.rank{r}.jsonl); rank 0 plans,
+owns the run directory and merges every journal (code_edit.distributed).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ from typing import Any, Iterator
 from code_edit.config import CausalEditConfig, load_hparams
 from code_edit.data import (EditRequest, batch_edit_groups, case_has_articles, default_cache_root, edit_requests,
                             load_dataset, order_cases)
+from code_edit.distributed import Ranks, process_group, rank_device, shard
 from code_edit.editor import Editor, Reporter, needs_articles, normalize_method
 from eval.files import append_jsonl, atomic_write_json, read_json, read_jsonl
 from eval.probes import string_match_summary
@@ -145,10 +149,11 @@ def locked(run_dir: Path) -> Iterator[None]:
 # metrics.jsonl: the per-case journal
 
 class Journal:
-    """metrics.jsonl rows {"unit", "case_id", "record"}; appended with fsync after each unit."""
+    """metrics.jsonl rows {"unit", "case_id", "record"}; appended with fsync after each unit. One
+    process writes metrics.jsonl; under torchrun rank r writes metrics.rank{r}.jsonl."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, name: str = "metrics.jsonl"):
+        self.path = run_dir / name
 
     def repair(self) -> int:
         """Cut a torn last line (the process died mid-write) so the next append starts on a fresh
@@ -175,6 +180,31 @@ class Journal:
 
     def append(self, unit: Unit, records: list[dict]) -> None:
         append_jsonl(self.path, [{"unit": unit.key, "case_id": r["case_id"], "record": r} for r in records])
+
+
+def journal_name(ranks: Ranks) -> str:
+    return "metrics.jsonl" if ranks.world == 1 else f"metrics.rank{ranks.rank}.jsonl"
+
+
+def journal_paths(run_dir: Path) -> list[Path]:
+    """metrics.jsonl, then metrics.rank{r}.jsonl by rank: every journal any launch of this run wrote."""
+    ranked = [(int(m.group(1)), q) for q in run_dir.glob("metrics.rank*.jsonl")
+              if (m := re.fullmatch(r"metrics\.rank(\d+)\.jsonl", q.name))]
+    return [run_dir / "metrics.jsonl", *(q for _, q in sorted(ranked))]
+
+
+def journal_rows(run_dir: Path, units: list[Unit]) -> dict[tuple[str, Any], dict]:
+    """(unit, case_id) -> record merged over every journal. A unit's records all come from one journal
+    that holds it complete (the last such in journal_paths order), never a mix of two attempts; units
+    complete nowhere are left out (they are still to do)."""
+    rows: dict[tuple[str, Any], dict] = {}
+    for path in journal_paths(run_dir):
+        part = Journal(path.parent, path.name).rows()
+        for u in units:
+            keys = [(u.key, c["case_id"]) for c in u.cases]
+            if all(k in part for k in keys):
+                rows.update((k, part[k]) for k in keys)
+    return rows
 
 
 def done_units(units: list[Unit], rows: dict) -> set[str]:
@@ -223,19 +253,27 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def setup_logging(run_dir: Path) -> list[logging.Handler]:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fh = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+@contextlib.contextmanager
+def run_logging(run_dir: Path, ranks: Ranks = Ranks()) -> Iterator[None]:
+    """INFO and up to run.log (rank r > 0 of several: run.rank{r}.log), warnings also on stderr."""
+    name = "run.log" if ranks.rank == 0 else f"run.rank{ranks.rank}.log"
+    tag = f"[rank {ranks.rank}] " if ranks.world > 1 else ""
+    fh = logging.FileHandler(run_dir / name, encoding="utf-8")
     fh.setLevel(logging.INFO)
-    fh.setFormatter(fmt)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ch = _TqdmHandler()
     ch.setLevel(logging.WARNING)
-    ch.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    ch.setFormatter(logging.Formatter(tag + "%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for h in (fh, ch):
         root.addHandler(h)
-    return [fh, ch]
+    try:
+        yield
+    finally:
+        for h in (fh, ch):
+            root.removeHandler(h)
+            h.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,76 +333,134 @@ def _requests_json(units: list[Unit]) -> list[dict]:
              "requests": [dataclasses.asdict(r) for r in u.requests]} for u in units]
 
 
+def planned_dir(args: Any, p: Prepared) -> tuple[Path, str]:
+    """(parent folder, run folder name prefix) of the run the arguments describe; the run id follows."""
+    parent = run_parent(args.output_root, args.datatype, p.model_type, p.method, p.exp_tag)
+    return parent, run_dir_prefix(case_count(p.units), args.batch_edit, args.shuffle_seed)
+
+
+@dataclass
+class Start:
+    """What rank 0 tells the other ranks once the run directory is ready."""
+    p: Prepared
+    run_dir: Path
+    todo: list[str]  # keys of the units still to do, in run order
+
+
 def execute(args: Any, *, editor_factory: Any = None) -> Path:
-    """Run (or resume) the editing run the arguments describe; returns its directory."""
+    """Run (or resume) the editing run the arguments describe; returns its directory.
+
+    Under torchrun (WORLD_SIZE > 1) rank 0 plans, opens the run directory (lock, meta, journal repair)
+    and sends the plan and the units still to do to the others; every rank edits its round-robin
+    share into its own journal; when all are done rank 0 merges the journals into metrics.json and
+    res.json. One process does all of it alone.
+    """
+    with process_group() as ranks, contextlib.ExitStack() as stack:
+        if ranks.rank == 0:
+            try:
+                start, info = _open_run(args, ranks, stack)
+            except Exception as e:
+                ranks.broadcast(f"{type(e).__name__}: {e}")  # the others stop too, with the reason
+                raise
+            ranks.broadcast(start)
+            problem = None
+        else:
+            start, info = ranks.broadcast(), {}
+            if isinstance(start, str):
+                raise RunError(f"rank 0 could not start the run: {start}")
+            problem = None if (start.run_dir / "requests.json").exists() else (
+                f"cannot see {start.run_dir / 'requests.json'}, written by rank 0: --output_root must be on a "
+                f"filesystem that every host shares")
+            if problem is None:
+                stack.enter_context(run_logging(start.run_dir, ranks))
+        problems = [f"rank {r}: {m}" for r, m in enumerate(ranks.gather(problem)) if m]
+        if problems:
+            raise RunError("; ".join(problems))
+        p, run_dir = start.p, start.run_dir
+        todo = set(start.todo)
+        mine = shard([u for u in p.units if u.key in todo], ranks.rank, ranks.world)
+        failures = _edit_units(args, p, run_dir, mine, ranks, info, editor_factory)
+        failures = sum(ranks.gather(failures))  # waits for every rank
+        if ranks.rank == 0:
+            if failures:
+                info["status"] = "incomplete"
+                atomic_write_json(run_dir / "meta" / "run_info.json", info)
+                print(f"{failures} unit(s) failed (see {run_dir / 'failures.jsonl'}); rerun the same command to retry "
+                      "them", file=sys.stderr)
+            _finish(run_dir, p.units, info, complete=not failures)
+        return run_dir
+
+
+def _open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Start, dict]:
+    """Rank 0 (or the only process): plan, choose and lock the run directory, write or check its
+    meta files, repair the journals; returns the start message and run_info."""
     p = prepare(args)
     cfg, units = p.cfg, p.units
     run_args = {k: v for k, v in vars(args).items() if k != "cmd"}
     run_args.update(editing_method=p.method, model_type=p.model_type, exp_tag=p.exp_tag)
-    parent = run_parent(args.output_root, args.datatype, p.model_type, p.method, p.exp_tag)
-    prefix = run_dir_prefix(case_count(units), args.batch_edit, args.shuffle_seed)
+    parent, prefix = planned_dir(args, p)
     hparams = json.loads(json.dumps(cfg.to_dict()))  # as stored in run_info.json (tuples become lists)
     run_dir, resuming = choose_run_dir(parent, prefix, args.run_id, run_args, hparams)
     run_args["run_id"] = run_dir.name[len(prefix):]
-    with locked(run_dir):
-        handlers = setup_logging(run_dir)
-        try:
-            return _execute_locked(args, p, run_dir, run_args, resuming, editor_factory)
-        finally:
-            for h in handlers:
-                logging.getLogger().removeHandler(h)
-                h.close()
-
-
-def _execute_locked(args, p: Prepared, run_dir: Path, run_args: dict, resuming: bool, editor_factory) -> Path:
-    cfg, units = p.cfg, p.units
+    stack.enter_context(locked(run_dir))  # held by rank 0 until every rank is done
+    stack.enter_context(run_logging(run_dir, ranks))
     meta = run_dir / "meta"
     planned = _requests_json(units)
-    journal = Journal(run_dir)
     if resuming:
         old = read_json(run_dir / "requests.json", "requests.json") if (run_dir / "requests.json").exists() else None
         if old is not None and [u["unit"] for u in old] != [u["unit"] for u in planned]:
             raise RunError(f"{run_dir}: the planned cases differ from its requests.json (did the dataset file change?); "
                            "start a new run with another --run_id")
         info = read_json(meta / "run_info.json", "run_info.json")
-        dropped = journal.repair()
-        if dropped:
-            log.warning("metrics.jsonl: dropped a torn last line (%d bytes) left by an interrupted write", dropped)
+        for path in journal_paths(run_dir):  # before any rank appends again
+            dropped = Journal(path.parent, path.name).repair()
+            if dropped:
+                log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path.name, dropped)
     else:
-        info = {"hparams": json.loads(json.dumps(cfg.to_dict())), "hparams_name": cfg.name, "method": p.method,
+        info = {"hparams": hparams, "hparams_name": cfg.name, "method": p.method,
                 "model_source": args.model_path or cfg.model.source, "dtype": cfg.model.dtype,
                 "eval_generation": dataclasses.asdict(cfg.eval), "dataset": p.dataset,
                 "started_at": dt.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit(),
                 "python": platform.python_version(), "units_total": len(units), "status": "running"}
         atomic_write_json(meta / "run_args.json", run_args)
         atomic_write_json(run_dir / "requests.json", planned)
-    rows = journal.rows()
+    rows = journal_rows(run_dir, units)
     done = done_units(units, rows)
     rebuild_outputs(run_dir, units, rows)
     todo = [u for u in units if u.key not in done]
-    info.update(status="running" if todo else "finished", units_done=len(done), resumed_at=(
+    info.update(status="running" if todo else "finished", units_done=len(done), world_size=ranks.world, resumed_at=(
         dt.datetime.now().isoformat(timespec="seconds") if resuming else None))
     atomic_write_json(meta / "run_info.json", info)
     print(f"run dir: {run_dir}", file=sys.stderr)
-    msg = (f"resuming: {len(done)}/{len(units)} units finished, {len(todo)} to go" if resuming else
-           f"new run: {len(units)} units ({case_count(units)} cases), method {p.method}, preset {cfg.name}")
+    procs = f", {ranks.world} processes" if ranks.world > 1 else ""
+    msg = (f"resuming: {len(done)}/{len(units)} units finished, {len(todo)} to go{procs}" if resuming else
+           f"new run: {len(units)} units ({case_count(units)} cases), method {p.method}, preset {cfg.name}{procs}")
     print(msg, file=sys.stderr)
     log.info("%s; %s", run_dir, msg)
-    if not todo:
-        _finish(run_dir, units, info)
-        return run_dir
+    return Start(p, run_dir, [u.key for u in todo]), info
 
+
+def _edit_units(args: Any, p: Prepared, run_dir: Path, mine: list[Unit], ranks: Ranks, info: dict,
+                editor_factory: Any) -> int:
+    """Edit and evaluate this rank's units into its journal; returns how many failed (--on_error skip).
+    Rank 0 also rebuilds metrics.json / res.json from every journal after each of its units and shows
+    the bar (all ranks' progress, refreshed at rank 0's unit ends); the other ranks only log."""
+    if not mine:
+        return 0
+    units = p.units
     editor = (editor_factory or load_editor)(args, p, run_dir)
-    info.update(device=str(editor.device), model_dtype=str(editor.model.lm_head.weight.dtype).removeprefix("torch."))
-    atomic_write_json(meta / "run_info.json", info)
+    if ranks.rank == 0:
+        info.update(device=str(editor.device), model_dtype=str(editor.model.lm_head.weight.dtype).removeprefix("torch."))
+        atomic_write_json(run_dir / "meta" / "run_info.json", info)
+    journal = Journal(run_dir, journal_name(ranks))
     from tqdm import tqdm
 
     failures = 0
-    with tqdm(total=len(units), initial=len(done), unit="group" if args.batch_edit > 0 else "case",
-              dynamic_ncols=True, file=sys.stderr) as bar:
+    with tqdm(total=len(units), initial=info.get("units_done", 0), unit="group" if args.batch_edit > 0 else "case",
+              dynamic_ncols=True, file=sys.stderr, disable=ranks.rank != 0) as bar:
         reporter = BarReporter(bar)
         editor.reporter = reporter
-        for unit in todo:
+        for unit in mine:
             reporter.start_unit(unit.key)
             try:
                 records = editor.run_unit(unit.key, unit.requests, unit.cases, group=unit.group)
@@ -376,23 +472,18 @@ def _execute_locked(args, p: Prepared, run_dir: Path, run_args: dict, resuming: 
                 failures += 1
                 log.error("%s failed and is skipped (it is retried when the run is resumed): %s: %s\n%s", unit.key,
                           type(e).__name__, e, traceback.format_exc())
-                append_jsonl(run_dir / "failures.jsonl", [{"unit": unit.key, "error": f"{type(e).__name__}: {e}",
-                                                           "at": dt.datetime.now().isoformat(timespec="seconds")}])
-                bar.update(1)
-                continue
-            journal.append(unit, records)
-            rows.update({(unit.key, r["case_id"]): r for r in records})
-            rebuild_outputs(run_dir, units, rows)
-            log.info("%s done: %s", unit.key, {r["case_id"]: r.get("stages") for r in records})
-            bar.update(1)
-    info["units_done"] = len(done_units(units, rows))
-    if failures:
-        info["status"] = "incomplete"
-        atomic_write_json(meta / "run_info.json", info)
-        print(f"{failures} unit(s) failed (see {run_dir / 'failures.jsonl'}); rerun the same command to retry them",
-              file=sys.stderr)
-    _finish(run_dir, units, info, complete=not failures)
-    return run_dir
+                row = {"unit": unit.key, "error": f"{type(e).__name__}: {e}",
+                       "at": dt.datetime.now().isoformat(timespec="seconds")}
+                append_jsonl(run_dir / "failures.jsonl", [row | ({"rank": ranks.rank} if ranks.world > 1 else {})])
+            else:
+                journal.append(unit, records)
+                log.info("%s done: %s", unit.key, {r["case_id"]: r.get("stages") for r in records})
+            if ranks.rank == 0:
+                rows = journal_rows(run_dir, units)
+                rebuild_outputs(run_dir, units, rows)
+                bar.n = len(done_units(units, rows)) + failures
+                bar.refresh()
+    return failures
 
 
 def load_editor(args: Any, p: Prepared, run_dir: Path) -> Editor:
@@ -403,7 +494,7 @@ def load_editor(args: Any, p: Prepared, run_dir: Path) -> Editor:
     from model.load import default_device
 
     source = args.model_path or p.cfg.model.source
-    device = torch.device(args.device) if args.device else default_device()
+    device = rank_device(args.device or str(default_device()))  # under torchrun: this rank's GPU
     log.info("loading %s (%s) on %s", source, p.cfg.model.dtype, device)
     dtype = None if p.cfg.model.dtype == "auto" else getattr(torch, p.cfg.model.dtype)  # None: loader default
     model = load_model(source, dtype=dtype, device=device)
@@ -414,7 +505,7 @@ def load_editor(args: Any, p: Prepared, run_dir: Path) -> Editor:
 
 
 def _finish(run_dir: Path, units: list[Unit], info: dict, complete: bool = True) -> None:
-    rows = Journal(run_dir).rows()
+    rows = journal_rows(run_dir, units)
     records = rebuild_outputs(run_dir, units, rows)
     if complete and len(done_units(units, rows)) == len(units):
         info.update(status="finished", units_done=len(units),

@@ -1,4 +1,5 @@
-"""`make reproduce`: the reference README's two CODE runs on one GPU, then the judge and the analysis.
+"""`make reproduce`: the reference README's two CODE runs, then the judge and the analysis. With more
+than one visible GPU each run is sharded over all of them (torchrun, one process per GPU; --nproc).
 
 Qwen2.5-7B-Instruct on MQuAKE-CF-3k-v2 and Llama-3.1-8B-Instruct on MQuAKE-T (CausalEdit, 400 cases,
 hop 2, shuffle seed 70, tag 2-hop); preflight first; every step resumes (fixed run id "reproduce",
@@ -9,10 +10,12 @@ pipeline (tiny preset, one bundled MQuAKE-hard case, offline judge).
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from code_edit.__main__ import build_parser  # noqa: E402
 
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--judge-model", default=None)
     ap.add_argument("--api-key-file", default=None)
     ap.add_argument("--skip-preflight", action="store_true")
+    ap.add_argument("--nproc", type=int, default=None, help="processes per run, one per GPU (default: every visible "
+                                                            "GPU; 1 with --small). N > 1 launches torchrun")
     a = ap.parse_args(argv)
 
     from code_edit.preflight import preflight, report
@@ -58,9 +63,18 @@ def main(argv: list[str] | None = None) -> int:
             argv_run += ["--device", "cpu"]
         else:
             argv_run += ["--hop", "2"]
-        print(f"\n=== CausalEdit {model_type} on {datatype} ===", flush=True)
+        nproc = a.nproc or (1 if a.small else max(visible_gpus(), 1))
+        print(f"\n=== CausalEdit {model_type} on {datatype}{f' ({nproc} processes)' if nproc > 1 else ''} ===",
+              flush=True)
         try:
-            run_dir = execute(build_parser().parse_args(argv_run))
+            if nproc > 1:
+                if subprocess.run(launch_command(nproc, argv_run), cwd=ROOT).returncode != 0:
+                    print(f"error: the {nproc}-process run stopped (see its output above); rerun to resume",
+                          file=sys.stderr)
+                    return 2
+                run_dir = run_dir_of(build_parser().parse_args(argv_run))
+            else:
+                run_dir = execute(build_parser().parse_args(argv_run))
         except RunError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -73,6 +87,26 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((model_type, datatype, run_dir))
     print("\n" + "\n".join(table(rows)))
     return 0
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def launch_command(nproc: int, argv_run: list[str]) -> list[str]:
+    """torchrun on this host (--standalone: a free rendezvous port), one process per GPU."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "code_edit", *argv_run]
+
+
+def run_dir_of(args: argparse.Namespace) -> Path:
+    """The folder a --run_id run writes (what execute() returns in a one-process run)."""
+    from code_edit.run import planned_dir, prepare
+
+    parent, prefix = planned_dir(args, prepare(args))
+    return parent / f"{prefix}{args.run_id}"
 
 
 def table(rows: list[tuple[str, str, Path]]) -> list[str]:
