@@ -1,5 +1,6 @@
 """Command line: `python -m code_edit --editing_method ... --datatype ... --model_type ...` runs (or
-resumes) an editing experiment with the reference's flags (METHOD.md 7.1);
+resumes) an editing experiment with the reference's flags (METHOD.md 7.1), in one process or sharded
+over `torchrun --nproc_per_node N -m code_edit ...`;
 `python -m code_edit preflight` checks what a run needs before it starts."""
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "the newest unfinished run with the same settings, else a timestamp")
     ap.add_argument("--data_path", default=None, help="a local MQuAKE-format file instead of the named dataset")
     ap.add_argument("--model_path", default=None, help="model source overriding the preset's (dir, hub id, .gguf)")
-    ap.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda if available)")
+    ap.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda if available; under torchrun "
+                                                   "cuda means cuda:LOCAL_RANK)")
     ap.add_argument("--save_adapters", action="store_true", help="keep every trained adapter (PEFT format) under "
                                                                  "<run>/adapters/")
     ap.add_argument("--cache_dir", default=None, help="bootstrap candidate cache (default "

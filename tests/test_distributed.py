@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import code_edit.run as R
-from code_edit.__main__ import main
 from code_edit.distributed import Ranks, env_ranks, rank_device, shard
 from test_editor_fixtures import cli_args, write_hparams
 
@@ -47,22 +46,24 @@ def torchrun(tmp_path, target, args, nproc=2):
                            str(nproc), *target, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+def one_process(tmp_path, args):
+    """Plain `python -m code_edit` in a subprocess with the environment of a torchrun rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CODE_EDIT_CACHE": str(tmp_path / "cache")}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "code_edit", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One-process runs (in this process, one thread like each torchrun rank): sequential 4 cases and
-    batch mode with 2 groups."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """One-process runs of the commands the tests shard: sequential 4 cases, batch mode with 2 groups."""
     out = {}
-    try:
-        for name, extra in (("seq", []), ("batch", ["--batch_edit", "2"])):
-            tmp = tmp_path_factory.mktemp(f"ref-{name}")
-            assert main(cli_args(tmp, "LoRA", "--run_id", "r", *extra, max_cases=4)) == 0
-            out[name] = the_run_dir(tmp / "out")
-    finally:
-        torch.set_num_threads(n)
+    for name, extra in (("seq", []), ("batch", ["--batch_edit", "2"])):
+        tmp = tmp_path_factory.mktemp(f"ref-{name}")
+        proc = one_process(tmp, cli_args(tmp, "LoRA", "--run_id", "r", *extra, max_cases=4))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = the_run_dir(tmp / "out")
     return out
 
 
@@ -107,7 +108,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_killed_two_rank_run_resumed_by_one_process(tmp_path, reference, monkeypatch, one_thread):
+def test_killed_two_rank_run_resumed_by_one_process(tmp_path, reference):
     hook = tmp_path / "hook.py"
     hook.write_text(HOOK)
     args = cli_args(tmp_path, "LoRA", max_cases=4)  # no --run_id: the resume finds the run by its settings
@@ -119,18 +120,11 @@ def test_killed_two_rank_run_resumed_by_one_process(tmp_path, reference, monkeyp
     assert not (d / "metrics.rank1.jsonl").read_text().endswith("\n")  # the torn line is there
     assert json.loads((d / "meta" / "run_info.json").read_text())["status"] == "running"
 
-    calls = []
-    real = R.Editor.run_unit
-
-    def counted(self, key, *a, **k):
-        calls.append(key)
-        return real(self, key, *a, **k)
-
-    monkeypatch.setattr(R.Editor, "run_unit", counted)
-    monkeypatch.setenv("CODE_EDIT_CACHE", str(tmp_path / "cache"))
-    assert main(args) == 0  # one process, a different world size: the same run is resumed
+    proc = one_process(tmp_path, args)  # one process, a different world size: the same run is resumed
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming: 2/4 units finished, 2 to go" in proc.stderr
     assert the_run_dir(tmp_path / "out") == d
-    assert calls == units[2:]  # units 0 and 1 were done by ranks 0 and 1 before the kill
+    # units 0 and 1 were journaled by ranks 0 and 1 before the kill; the resume edited exactly the other two
     journals = {name: jsonl(d / name) for name in ("metrics.rank0.jsonl", "metrics.rank1.jsonl", "metrics.jsonl")}
     assert [[r["unit"] for r in rows] for rows in journals.values()] == [[units[0]], [units[1]], units[2:]]
     assert sorted(r["case_id"] for rows in journals.values() for r in rows) == [1, 2, 3, 4]  # each exactly once
