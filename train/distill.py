@@ -158,6 +158,8 @@ class Distiller:
         self.device = model.lm_head.weight.device
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                      fused=self.device.type == "cuda")
+        if self.device.type == "cuda" and not cfg.grad_checkpointing:
+            model.compile_blocks()  # teacher and student forwards (small models are launch-bound in eager)
         self.steps_done = 0
         self.last_rollouts: list[Completion] = []  # the previous step's rollouts (for logging)
 

@@ -138,6 +138,8 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     t0 = time.perf_counter()
     ckpt_before = model.gradient_checkpointing
     model.gradient_checkpointing = cfg.grad_checkpointing
+    if device.type == "cuda":  # small models are launch-bound in eager mode (BENCHMARKS "SmolLM2")
+        model.compile_blocks()
     model.train()
     # Dropout masks come from the global RNG: fork it so a seed gives one run, and the caller's state stays.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
