@@ -1,0 +1,137 @@
+"""Seconds and peak memory per stage of one CODE edit with the `qwen2.5-7b-instruct` preset on a random-init
+Qwen2.5-7B (one H100): an upper bound, since random weights never emit a stop token and every sample runs to
+its length limit, every candidate is "valid" and scored, and SFT never stops early.
+
+One MQuAKE-hard case = 4 edits. Prompt lengths are those of case 8772's real prompts (measured with the
+SmolLM2 tokenizer, an English BPE like Qwen's): open-book 640, reward prompt 52, SFT prompt 157, student
+45 / teacher 522 (internalize pool means), 99 evaluation probes of 180 tokens on average (25-377).
+Stages that repeat identical work are timed on a part and scaled (printed as "scaled"): bootstrap sampling
+and reward scoring on 1 of the 4 edits (x4), SFT on one epoch of the 125 (x125), internalize on 3 of the 35
+steps (x35). Evaluation runs whole. Results are appended stage by stage to --out, and a rerun skips the
+stages already there (a device call may end between stages).
+
+GPU:  cd bench && PYTHONPATH=.. python edit_7b.py --out /tmp/edit_7b.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+
+from common import QWEN25_7B, random_model
+from code_edit.bootstrap import span_mean_logprobs
+from code_edit.config import load_hparams
+from code_edit.internalize import distill_config, max_steps
+from model.generate import generate, release
+from model.lora import LoraConfig, add_lora, disabled, lora_parameters
+from train.distill import Distiller, DistillPrompt
+from train.sft import SFTConfig, sft
+
+EDITS = 4
+OPEN_BOOK, REWARD, SFT_PROMPT, STUDENT, TEACHER = 640, 52, 157, 45, 522
+PROBES, PROBE_MIN, PROBE_MAX = 99, 25, 377
+
+
+def toks(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(1000, 150000) for _ in range(n)]
+
+
+def timed(fn) -> tuple[float, float | None, object]:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30 if cuda else None, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="edit_7b.json")
+    ap.add_argument("--small", action="store_true", help="CPU smoke run: a tiny model, the tiny preset")
+    args = ap.parse_args()
+    done = json.load(open(args.out)) if os.path.exists(args.out) else {}
+
+    def record(stage: str, **kw):
+        done[stage] = kw
+        print(stage, json.dumps(kw), flush=True)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(done, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+    cfg = load_hparams("tiny" if args.small else "qwen2.5-7b-instruct")
+    b, it = cfg.bootstrap, cfg.internalize
+    rng = random.Random(0)
+    t = time.perf_counter()
+    if args.small:
+        from train_step import SMALL, build
+        model = build(dict(SMALL, vocab_size=152064), torch.device("cpu"), None).float()
+    else:
+        model = random_model(QWEN25_7B)
+    print(f"model built in {time.perf_counter() - t:.1f} s; device "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; torch {torch.__version__}", flush=True)
+    add_lora(model, LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout))
+    n_samples = b.replica_times * b.num_samples
+    budget = min(b.max_new_tokens, cfg.model.max_seq_len - OPEN_BOOK)
+
+    if "bootstrap_sampling" not in done:  # one edit's open-book candidates, base model (LoRA off)
+        prompt = toks(OPEN_BOOK, rng)
+        with disabled(model):
+            generate(model, [prompt], max_new_tokens=16, num_samples=64, stop_ids=[], seed=1)  # compile, capture
+            sec, peak, comps = timed(lambda: generate(model, [prompt], max_new_tokens=budget, temperature=b.temperature,
+                                                      top_p=b.top_p, num_samples=n_samples, stop_ids=[], seed=2))
+        n_tok = sum(len(c.tokens) for c in comps)
+        record("bootstrap_sampling", seconds_per_edit=sec, seconds_per_case=EDITS * sec, peak_gib=peak,
+               samples=n_samples, new_tokens=n_tok, tok_s=n_tok / sec, scaled=f"x{EDITS} edits")
+        release(model)
+    if "bootstrap_reward" not in done:  # every candidate scored: reward prompt + thought + answer line
+        seqs = [toks(REWARD + budget + 12, rng) for _ in range(n_samples)]
+        pos = [list(range(len(s) - 10, len(s))) for s in seqs]
+        with disabled(model):
+            sec, peak, _ = timed(lambda: span_mean_logprobs(model, seqs, pos))
+        record("bootstrap_reward", seconds_per_edit=sec, seconds_per_case=EDITS * sec, peak_gib=peak,
+               sequences=n_samples, tokens=sum(map(len, seqs)), scaled=f"x{EDITS} edits")
+    if "sft" not in done:  # replicas x edits examples, completions to the length limit, one epoch
+        examples = [(toks(SFT_PROMPT, rng), toks(budget + 12, rng)) for _ in range(b.replica_times * EDITS)]
+        scfg = SFTConfig(lr=b.learning_rate, epochs=1, batch_size=b.batch_size * b.grad_accum, stop_loss=None,
+                         max_length=b.sft_max_length, grad_checkpointing=cfg.model.grad_checkpointing)
+        sft(model, examples[:b.batch_size], lora_parameters(model), scfg)  # warm-up
+        sec, peak, out = timed(lambda: sft(model, examples, lora_parameters(model), scfg))
+        record("sft", seconds_per_epoch=sec, seconds_per_case=b.epochs * sec, steps_per_epoch=out["steps"],
+               peak_gib=peak, examples=len(examples), grad_checkpointing=cfg.model.grad_checkpointing,
+               scaled=f"x{b.epochs} epochs (no early stop)")
+    if "internalize" not in done:
+        steps = max_steps(EDITS, base=it.max_steps_base, per_extra_edit=it.max_steps_per_extra_edit)
+        dcfg = distill_config(cfg, steps)
+        prompts = [DistillPrompt(student_ids=toks(STUDENT, rng), teacher_ids=toks(TEACHER, rng), prompt_index=i)
+                   for i in range(it.prompts_per_step)]
+        d = Distiller(model, lora_parameters(model), dcfg, stop_ids=[])
+        first, _, _ = timed(lambda: d.step(prompts, seed=0))
+        sec, peak, stats = timed(lambda: [d.step(prompts, seed=s) for s in (1, 2, 3)])
+        record("internalize", seconds_per_step=sec / 3, seconds_per_case=steps * sec / 3, steps=steps,
+               first_step_s=first, peak_gib=peak, last_step={k: stats[-1][k] for k in
+                                                            ("generate_s", "teacher_s", "student_s", "rollouts")},
+               scaled=f"x{steps} steps")
+        release(model)
+    if "eval" not in done:  # all probes in one greedy call, to the length limit (768)
+        probes = [toks(rng.randint(PROBE_MIN, PROBE_MAX), rng) for _ in range(PROBES)]
+        gen = lambda n: generate(model, probes, max_new_tokens=n, temperature=0.0,  # noqa: E731
+                                 repetition_penalty=cfg.eval.repetition_penalty, stop_ids=[])
+        generate(model, probes[:8], max_new_tokens=16, temperature=0.0, stop_ids=[])  # compile, capture
+        sec, peak, comps = timed(lambda: gen(cfg.eval.max_new_tokens))
+        record("eval", seconds_per_case=sec, peak_gib=peak, probes=PROBES,
+               new_tokens=sum(len(c.tokens) for c in comps), note="LoRA attached (unmerged), as the editor evaluates")
+    total = sum(v["seconds_per_case"] for v in done.values())
+    print(f"total per case (4 edits): {total:.0f} s = {total / 60:.1f} min; per edit {total / EDITS:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
