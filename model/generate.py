@@ -36,6 +36,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
 
+ATTEND_STEP = 256  # decode attends over the filled cache slots rounded up to this (one graph per window)
 RACE_CANDIDATES = 16  # race winners checked against the nucleus (see `sample`)
 
 
@@ -156,8 +157,8 @@ def _use_graphs() -> bool:
 class _Decoder:
     """Runs one decode step, through a CUDA graph when on CUDA, else eagerly."""
 
-    def __init__(self, model: Transformer, cache: KVCache, S: int):
-        self.model, self.cache, self.S = model, cache, S
+    def __init__(self, model: Transformer, cache: KVCache):
+        self.model, self.cache = model, cache
         self.cuda = cache.k[0].is_cuda and _use_graphs()
         # The model cannot change during one generate call: key its graphs once, not per token.
         self.state = _state_key(model) if self.cuda else None
@@ -170,14 +171,15 @@ class _Decoder:
                 self.eng.compiled = torch.compile(_decode_forward, fullgraph=False, dynamic=None)
             self.fwd = self.eng.compiled
 
-    def view(self, B: int) -> KVCache:
-        return KVCache([t[:B, :, : self.S] for t in self.cache.k], [t[:B, :, : self.S] for t in self.cache.v])
+    def view(self, B: int, S: int) -> KVCache:
+        return KVCache([t[:B, :, :S] for t in self.cache.k], [t[:B, :, :S] for t in self.cache.v])
 
     def __call__(self, tok: Tensor, pos: Tensor, mask: Tensor, write_idx: Tensor) -> Tensor:
-        B = tok.shape[0]
+        """One step attending over the first mask.shape[-1] cache slots (see ATTEND_STEP)."""
+        B, S = tok.shape[0], mask.shape[-1]
         if not self.cuda:
-            return self.fwd(self.model, tok, pos, mask, self.view(B), write_idx)
-        key = (B, self.S, self.state)
+            return self.fwd(self.model, tok, pos, mask, self.view(B, S), write_idx)
+        key = (B, S, self.state)
         g = self.eng.graphs.get(key)
         if g is None:
             g = self._capture(B, tok, pos, mask, write_idx)
@@ -189,7 +191,7 @@ class _Decoder:
 
     def _capture(self, B, tok, pos, mask, write_idx):
         static = (tok.clone(), pos.clone(), mask.clone(), write_idx.clone())
-        cache = self.view(B)
+        cache = self.view(B, mask.shape[-1])
         # Warm up on a side stream (compilation, cuBLAS handles), as CUDA graph capture requires.
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -336,14 +338,17 @@ def _run_batch(model, prompts, rows, max_new, params, stops, gen) -> list[Comple
     done = torch.zeros(B0, dtype=torch.bool, device=device)
     pos = lens.clone()
     write = torch.tensor([P], device=device)
-    dec = _Decoder(model, cache, S)
+    dec = _Decoder(model, cache)
     pick = _picker(device)
     B = B0
     tok = None  # the token fed to the next decode step (step 0 reads the prefill's logits)
     for t in range(max_new):
         if t > 0:
             valid[:, P + t - 1] = True
-            logits = dec(tok, pos, valid[:, None, None, :], write)
+            # Attend over the filled slots rounded up to ATTEND_STEP, not all S: each step reads the
+            # cache (the decode's main cost at large batch), and early steps need much less of it.
+            window = min(S, ATTEND_STEP * math.ceil((P + t) / ATTEND_STEP))
+            logits = dec(tok, pos, valid[:, None, None, :window], write)
             pos += 1
             write += 1
         noise = torch.empty_like(logits).exponential_(generator=gen) if params.temperature > 0 else None

@@ -74,6 +74,22 @@ def test_stop_ids_and_compaction(pair, monkeypatch):
     assert out[0].finish_reason == "stop" and len(out[0].tokens) <= 4
 
 
+def test_growing_attention_window(pair, monkeypatch):
+    """The decode attends over the filled slots rounded up to ATTEND_STEP: with a step of 8 the window
+    grows every few tokens (and meets compaction); every row must still equal full recomputation."""
+    _, m = pair
+    monkeypatch.setattr(G, "ATTEND_STEP", 8)
+    monkeypatch.setattr(G, "SYNC_EVERY", 3)
+    prompts = ragged(6, seed=7)
+    ref = [full_recompute_greedy(m, p, 22) for p in prompts]
+    stop = ref[1][0][5]
+    out = generate(m, prompts, max_new_tokens=22, temperature=0, stop_ids=[stop])
+    for c, (toks, lp) in zip(out, ref):
+        want = toks[: toks.index(stop) + 1] if stop in toks else toks
+        assert c.tokens == want
+        assert torch.allclose(torch.tensor(c.logprobs), lp[: len(want)], atol=1e-4)
+
+
 def test_seed_reproducible_and_distinct(pair):
     _, m = pair
     prompts = ragged(3)
