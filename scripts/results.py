@@ -1,0 +1,165 @@
+"""RESULTS.md: CODE against its baselines on the embedded model. The `smollm2-135m-instruct` preset on the
+MQuAKE-hard cases that have causal articles, five methods, each run judged twice: by the offline
+rule-based judge and by a local LLM judge that `python -m eval serve` puts behind an OpenAI-compatible URL.
+
+Every step resumes (run id "results"; judge and analysis checkpoints), so the command can be repeated
+after an interruption. GPU:  python scripts/results.py        CPU smoke:  python scripts/results.py --small
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = ["PreEdited", "InContext", "LoRA", "CaKE", "CausalEdit"]
+JUDGES = ("rule-based", "local")
+STAGES = ("bootstrap", "sft", "internalize", "eval")  # code_edit.editor's stage names
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny preset, 1 case, tiny-random judge")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--max_cases", type=int, default=None, help="default 20 (every case with articles); 1 with --small")
+    ap.add_argument("--output_root", default="./output/results")
+    ap.add_argument("--results", default=str(ROOT / "RESULTS.md"), help="the report to write")
+    ap.add_argument("--judge-model", default=None, help="what `eval serve` loads as the local judge (default: "
+                                                        "smollm2-135m-instruct; tiny-random with --small)")
+    a = ap.parse_args(argv)
+
+    from code_edit.__main__ import build_parser
+    from code_edit.run import RunError, execute
+
+    model_type = "tiny" if a.small else "smollm2-135m-instruct"
+    judge_model = a.judge_model or ("tiny-random" if a.small else "smollm2-135m-instruct")
+    n = a.max_cases or (1 if a.small else 20)
+    runs: dict[str, tuple[Path, list[str]]] = {}
+    for method in a.methods:
+        argv_run = ["--editing_method", method, "--datatype", "MQuAKE-hard", "--model_type", model_type,
+                    "--max_cases", str(n), "--output_root", a.output_root, "--run_id", "results"]
+        if a.small:
+            argv_run += ["--device", "cpu"]
+        print(f"\n=== {method}: {model_type} on MQuAKE-hard, {n} case(s) ===", flush=True)
+        try:
+            runs[method] = (execute(build_parser().parse_args(argv_run)), argv_run)
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    for judge in JUDGES:
+        with (local_judge(judge_model, small=a.small) if judge == "local" else _nothing()) as flags:
+            for method, (run_dir, _) in runs.items():
+                if judge_run(run_dir, judge, flags) != 0:
+                    return 2
+    text = report(runs, model_type=model_type, judge_model=judge_model, small=a.small, argv=argv)
+    tmp = Path(a.results + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, a.results)
+    print(text)
+    return 0
+
+
+@contextmanager
+def _nothing() -> Iterator[list[str]]:
+    yield ["--rule-based"]
+
+
+@contextmanager
+def local_judge(source: str, *, small: bool) -> Iterator[list[str]]:
+    """`python -m eval serve` on a free 127.0.0.1 port for the duration; yields the judge flags."""
+    cmd = [sys.executable, "-m", "eval", "serve", "--model", source, "--port", "0", "--max-new-tokens", "256"]
+    if small:
+        cmd += ["--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving SOURCE at http://127.0.0.1:PORT/v1  (judge with: ...)"
+        if " at http" not in line:
+            raise RuntimeError(f"`{' '.join(cmd)}` did not start (exit code {proc.wait()})")
+        url = line.split(" at ", 1)[1].split()[0]
+        yield ["--base-url", url, "--judge-model", source, "--max-workers", "4"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def judge_run(run_dir: Path, judge: str, flags: list[str]) -> int:
+    """H-Acc / M-Acc and the self-refutation analysis of one run by one judge, kept under results/{judge}/
+    (judge/ and analysis/ hold whichever judge ran last)."""
+    from eval.__main__ import main as eval_main
+
+    metrics = str(run_dir / "metrics.json")
+    out = run_dir / "results" / judge
+    out.mkdir(parents=True, exist_ok=True)
+    llm = ["--llm-self-refute", "on"] if judge == "local" else []
+    rc = eval_main(["judge", "--input", metrics, "--summary", str(out / "judge_summary.json"), *flags])
+    if rc == 0:
+        rc = eval_main(["analyze", "--input", metrics, *llm, *flags])
+    if rc == 0:
+        shutil.copyfile(run_dir / "analysis" / "pred_analysis.json", out / "pred_analysis.json")
+    return rc
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def stage_table(records: list[dict]) -> tuple[dict[str, float], float]:
+    """Mean seconds per case of each stage, and the largest peak GPU memory (GiB) of any stage."""
+    names: list[str] = []
+    for r in records:
+        names += [s for s in r.get("stages", {}) if s not in names]
+    means = {s: sum(r["stages"][s]["seconds"] for r in records if s in r.get("stages", {})) /
+             max(1, sum(s in r.get("stages", {}) for r in records)) for s in names}
+    peak = max((v["peak_gpu_mem_bytes"] for r in records for v in r.get("stages", {}).values()), default=0)
+    return means, peak / 2**30
+
+
+def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_model: str, small: bool,
+           argv: list[str] | None) -> str:
+    from eval.files import read_json
+
+    def device() -> str:
+        import torch
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+    lines = [f"# Results: {model_type} on MQuAKE-hard (cases with causal articles)", "",
+             f"Date {dt.date.today().isoformat()}; device {device()}; command `python scripts/results.py "
+             f"{' '.join(argv if argv is not None else sys.argv[1:])}`. H-Acc: hop-wise accuracy; M-Acc: a case "
+             "passes when any of its 3 multi-hop questions does; SRR: self-refutation rate among rewrites whose "
+             "answer stated the new fact. All in %.", "",
+             "| method | cases | H-Acc rule | M-Acc rule | SRR rule | H-Acc LLM | M-Acc LLM | SRR LLM |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    timing = ["", "Seconds per case by stage (mean) and peak GPU memory:", "",
+              "| method | " + " | ".join(STAGES) + " | peak GiB |", "|---|" + "---:|" * (len(STAGES) + 1)]
+    for method, (run_dir, argv_run) in runs.items():
+        cells = []
+        for judge in JUDGES:
+            j = read_json(run_dir / "results" / judge / "judge_summary.json", f"{method} {judge} judge summary")
+            an = read_json(run_dir / "results" / judge / "pred_analysis.json", f"{method} {judge} analysis")
+            cells += [_pct(j["overall_hop_wise_average"]), _pct(j["accuracy_averages"]["any_right_accuracy"]),
+                      _pct(an["summary"]["SRR"]["rate"])]
+        records = read_json(run_dir / "metrics.json", f"{method} metrics.json")
+        lines.append(f"| {method} | {len(records)} | " + " | ".join(cells) + " |")
+        means, peak = stage_table(records)
+        timing.append(f"| {method} | " + " | ".join(f"{means[s]:.1f}" if s in means else "-" for s in
+                                                    STAGES)
+                      + f" | {peak:.1f} |")
+    lines += ["", f"LLM judge: `{judge_model}` served by `python -m eval serve` (greedy). Run folders: "
+              + ", ".join(f"`{d}`" for d, _ in runs.values()) + "."]
+    lines += timing
+    if small:
+        lines += ["", "Smoke run (--small): a random tiny model and a random judge; the numbers mean nothing."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""scripts/results.py end to end on CPU (--small, one method): the run, both judges (the local one a
+served tiny-random model on 127.0.0.1), and RESULTS.md's rows checked against the files they come from."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_results_small(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "RESULTS.md"
+    assert mod.main(["--small", "--methods", "PreEdited", "--output_root", str(tmp_path / "runs"),
+                     "--results", str(out)]) == 0
+    text = out.read_text()
+    run = next((tmp_path / "runs").glob("MQuAKE-hard/tiny/PreEdited/*/*_results"))
+    rule = json.loads((run / "results" / "rule-based" / "judge_summary.json").read_text())
+    local = json.loads((run / "results" / "local" / "judge_summary.json").read_text())
+    assert rule["judge"] == "rule-based" and rule["items"]["ERROR"] == 0
+    # every item went to the served model and came back (a random model's replies do not parse)
+    assert local["judge"] == "llm:tiny-random" and local["items"]["total"] == rule["items"]["total"] > 0
+    row = next(line for line in text.splitlines() if line.startswith("| PreEdited |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    h_rule = rule["overall_hop_wise_average"]
+    assert cells[1] == "1" and cells[2] == ("n/a" if h_rule is None else f"{100 * h_rule:.1f}")
+    records = json.loads((run / "metrics.json").read_text())
+    t_row = [line for line in text.splitlines() if line.startswith("| PreEdited |")][1]
+    eval_s = sum(r["stages"]["eval"]["seconds"] for r in records) / len(records)
+    assert [c.strip() for c in t_row.strip("|").split("|")][4] == f"{eval_s:.1f}"
