@@ -1,6 +1,6 @@
 """`python -m eval serve`: an OpenAI-compatible chat-completions server (stdlib ThreadingHTTPServer)
 over this project's decoder and sampler, so the judge can be a local model with no paid API.
-Requests queue on one lock around the model; the server binds 127.0.0.1 unless told otherwise."""
+Greedy requests that wait together share one generate call; the server binds 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -18,12 +19,63 @@ class _BadRequest(ValueError):
     pass
 
 
+@dataclass
+class _Job:
+    ids: list[int]
+    max_tokens: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class _GreedyBatcher:
+    """One generate call for every greedy request waiting when the model frees up. A judge sends many
+    requests at once (--max-workers); one by one a small model idles the GPU between launches. Greedy
+    tokens of a prompt do not depend on its batch neighbours (model.generate's contract, tested there;
+    on a GPU, bf16 kernels chosen by batch size may still break a near-tie differently)."""
+
+    def __init__(self, model: Any, model_lock: threading.Lock, stop_ids: list[int], max_batch: int = 64):
+        self.model, self.model_lock, self.stop_ids, self.max_batch = model, model_lock, stop_ids, max_batch
+        self.pending: list[_Job] = []
+        self.pending_lock = threading.Lock()
+
+    def __call__(self, ids: list[int], max_tokens: int) -> Any:
+        from model import generate
+
+        job = _Job(ids, max_tokens)
+        with self.pending_lock:
+            self.pending.append(job)
+        while not job.done.is_set():
+            with self.model_lock:
+                if job.done.is_set():
+                    break
+                with self.pending_lock:
+                    batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+                try:
+                    comps = generate(self.model, [j.ids for j in batch], temperature=0.0, stop_ids=self.stop_ids,
+                                     max_new_tokens=max(j.max_tokens for j in batch))
+                    for j, c in zip(batch, comps):  # each to its own limit: greedy prefixes are the same
+                        if len(c.tokens) > j.max_tokens:
+                            c = replace(c, tokens=c.tokens[:j.max_tokens], logprobs=c.logprobs[:j.max_tokens],
+                                        finish_reason="length")
+                        j.result = c
+                except BaseException as e:  # every waiting request gets the error, not a hang
+                    for j in batch:
+                        j.error = e
+                for j in batch:
+                    j.done.set()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+
 def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127.0.0.1", port: int = 0,
                 max_new_tokens: int = 1024, temperature: float = 0.0) -> ThreadingHTTPServer:
     """A ready-to-run server (call serve_forever). Requests without `temperature` decode with
     `temperature` (default greedy: a judge should be deterministic); without max_tokens, up to
     `max_new_tokens`. Only n=1 and stream=false are supported."""
     lock = threading.Lock()
+    greedy = _GreedyBatcher(model, lock, list(tokenizer.eos_ids))
 
     def complete(body: dict) -> dict:
         from model import generate  # lazy: importing eval must not need the model stack
@@ -43,11 +95,14 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or max_new_tokens
         temp = body.get("temperature")
         ids = tokenizer.encode(tokenizer.chat(messages, add_generation_prompt=True))
-        with lock:
-            (c,) = generate(model, [ids], max_new_tokens=int(max_tokens),
-                            temperature=float(temperature if temp is None else temp),
-                            top_p=float(body.get("top_p", 1.0)), num_samples=1,
-                            stop_ids=list(tokenizer.eos_ids), seed=body.get("seed"))
+        temp = float(temperature if temp is None else temp)
+        if temp == 0.0:
+            c = greedy(ids, int(max_tokens))
+        else:
+            with lock:
+                (c,) = generate(model, [ids], max_new_tokens=int(max_tokens), temperature=temp,
+                                top_p=float(body.get("top_p", 1.0)), num_samples=1,
+                                stop_ids=list(tokenizer.eos_ids), seed=body.get("seed"))
         text = tokenizer.decode(c.tokens, skip_special_tokens=True)
         finish = c.finish_reason
         cut = [text.find(s) for s in stop if s and s in text]

@@ -135,3 +135,44 @@ def test_judge_end_to_end_against_local_server(tmp_path, tok):
     # the model says PASS to everything (even "Lyon" for gold "Paris"): the summary shows what it said
     assert s["judge"] == "llm:verdict" and s["items"] == {"total": 18, "PASS": 18, "FAIL": 0, "ERROR": 0}
     assert s["overall_hop_wise_average"] == 1.0 and s["accuracy_averages"]["any_right_accuracy"] == 1.0
+
+
+def test_concurrent_greedy_requests_share_generate_calls(tok, monkeypatch):
+    """Requests that wait together go through one generate call, each answered as if alone (its own
+    max_tokens and finish reason)."""
+    import time
+
+    import model as model_pkg
+
+    model = load_model("tiny-random", device="cpu")
+    prompts = [[{"role": "user", "content": f"Question number {i}: name a river."}] for i in range(10)]
+    limits = [3 + i % 4 for i in range(10)]
+    want = []
+    for msgs, n in zip(prompts, limits):
+        (c,) = generate(model, [tok.encode(tok.chat(msgs))], max_new_tokens=n, temperature=0.0, stop_ids=tok.eos_ids)
+        want.append((tok.decode(c.tokens, skip_special_tokens=True), c.finish_reason))
+    sizes = []
+
+    def slow_generate(m, ps, **kw):  # the first call holds the model while the others queue up
+        sizes.append(len(ps))
+        if len(sizes) == 1:
+            time.sleep(0.5)
+        return generate(m, ps, **kw)
+
+    monkeypatch.setattr(model_pkg, "generate", slow_generate)
+    got = [None] * 10
+    with Running(make_server(model, tok, model_name="tiny-random", max_new_tokens=8)) as srv:
+        def ask(i):
+            r = requests.post(srv.base_url + "/chat/completions",
+                              json={"messages": prompts[i], "max_tokens": limits[i], "temperature": 0}, timeout=60)
+            ch = r.json()["choices"][0]
+            got[i] = (ch["message"]["content"], ch["finish_reason"])
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(10)]
+        threads[0].start()
+        time.sleep(0.1)
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert got == want
+    assert sum(sizes) == 10 and max(sizes) > 1  # the nine that waited were batched
