@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# On the GPU machine (after the two staging calls of bench/stage_smollm2.sh): the SFT step profile, then
-# the P4 5-case CausalEdit run in the background (resumable), logging to /tmp/p4.log.
+# On the GPU machine, after the two staging calls of bench/stage_smollm2.sh: start the resumable P4 run
+# (SmolLM2 CausalEdit, 5 MQuAKE-hard cases) in the background with its run folder and bootstrap cache
+# under .gpu_state/ (git-ignored), logging to /tmp/p4.log. A machine lasts at most 30 minutes: before it
+# goes, `bash bench/smollm2_p4.sh pack` writes .gpu_state to $OUT/gpu_state.tgz; unpack it here
+# (tar xzf ... -C .) and name .gpu_state in `carry` on the next machine, and the run resumes there.
 set -u
 export PYTHONPATH=/tmp/site:$PWD
-(cd bench && python3 profile_sft.py /tmp/profile_sft.json) 2>&1 | grep -v Warning | tail -5
+if [ "${1:-}" = pack ]; then tar czf "$OUT/gpu_state.tgz" .gpu_state && ls -la "$OUT"; exit; fi
+mkdir -p .gpu_state
 setsid nohup python3 -m code_edit --editing_method CausalEdit --datatype MQuAKE-hard \
-  --model_type smollm2-135m-instruct --max_cases 5 --run_id h100 --output_root /tmp/ce_h100 > /tmp/p4.log 2>&1 &
+  --model_type smollm2-135m-instruct --max_cases 5 --run_id h100 --output_root .gpu_state/out \
+  --cache_dir .gpu_state/cache > /tmp/p4.log 2>&1 &
 echo started $!

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--max_cases", type=int, default=None, help="default 20 (every case with articles); 1 with --small")
     ap.add_argument("--output_root", default="./output/results")
+    ap.add_argument("--cache_dir", default=None, help="bootstrap candidate cache (python -m code_edit's default)")
     ap.add_argument("--results", default=str(ROOT / "RESULTS.md"), help="the report to write")
     ap.add_argument("--judge-model", default=None, help="what `eval serve` loads as the local judge (default: "
                                                         "smollm2-135m-instruct; tiny-random with --small)")
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--max_cases", str(n), "--output_root", a.output_root, "--run_id", "results"]
         if a.small:
             argv_run += ["--device", "cpu"]
+        if a.cache_dir:
+            argv_run += ["--cache_dir", a.cache_dir]
         print(f"\n=== {method}: {model_type} on MQuAKE-hard, {n} case(s) ===", flush=True)
         try:
             runs[method] = (execute(build_parser().parse_args(argv_run)), argv_run)
