@@ -348,6 +348,8 @@ def bootstrap_data(model: Any, tok: Any, requests: Sequence[Any], cfg: Any, *, c
     extracted, filtered and scored, and the best one per replica is cached. A replica with no valid
     candidate is sampled again up to `max_resample_rounds` times, then skipped with a warning.
     Noncausal mode: no cache, filter or reward (METHOD.md 3.2 step 6, with the real old answer).
+    `seed` seeds noncausal sampling; causal candidates are seeded by the edit itself (model, question,
+    article, round), so one edit met in two cases draws the same candidates whichever runs first.
     """
     b = cfg.bootstrap
     stats = {"edits": len(requests), "replicas": 0, "selected": 0, "from_cache": 0, "skipped_replicas": 0,
@@ -404,7 +406,10 @@ def bootstrap_data(model: Any, tok: Any, requests: Sequence[Any], cfg: Any, *, c
             for rnd in range(1 + b.max_resample_rounds):
                 if not missing:
                     break
-                texts = sample(msgs, len(missing) * b.num_samples, derive_seed(seed, e, "causal", rnd), req.where)
+                # Seeded by what the cache is keyed by, not by the case: the same edit met in another case
+                # (or on another torchrun rank, before the cache has it) draws the same candidates.
+                texts = sample(msgs, len(missing) * b.num_samples,
+                               derive_seed("causal", model_id, req.question, req.article or "", rnd), req.where)
                 if not texts:  # no room to generate: already warned, nothing to resample
                     stats["skipped_replicas"] += len(missing)
                     missing = []

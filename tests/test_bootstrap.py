@@ -161,6 +161,19 @@ def test_invalid_replicas_resampled_then_skipped_never_abort(tiny, tmp_path, mon
     assert sum("no valid candidate" in m for m in caplog.messages) == 2
 
 
+def test_candidate_seed_follows_the_edit_not_the_case(tiny, monkeypatch):
+    """The same edit in two cases (two units, two torchrun ranks) with a cold cache draws the same
+    candidates: the sampling seed comes from what the cache is keyed by, not from the unit's seed."""
+    model, tok = tiny
+    cfg = load_hparams("tiny")
+    calls = []
+    monkeypatch.setattr(B, "generate", fake_generate(tok, [VALID[:1]], calls))
+    B.bootstrap_data(model, tok, [req()], cfg, cache_dir=None, model_id="m", seed=1)
+    B.bootstrap_data(model, tok, [req()], cfg, cache_dir=None, model_id="m", seed=2)
+    B.bootstrap_data(model, tok, [req(q="Who owns Acme now?")], cfg, cache_dir=None, model_id="m", seed=1)
+    assert calls[0]["seed"] == calls[1]["seed"] != calls[2]["seed"]
+
+
 def test_noncausal_no_filter_no_reward_and_padding(tiny, monkeypatch):
     model, tok = tiny
     cfg = load_hparams("tiny")
