@@ -32,7 +32,8 @@ def deterministic(records):
 
 
 def the_run_dir(root, method="LoRA"):
-    (d,) = (Path(root) / "handmade" / "test-tiny" / method / "tag-default").glob("n*_seed70_*")
+    tag = "T0_S1" if method == "CausalEdit" else "default"
+    (d,) = (Path(root) / "handmade" / "test-tiny" / method / f"tag-{tag}").glob("n*_seed70_*")
     return d
 
 
@@ -57,21 +58,25 @@ def one_process(tmp_path, args):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One-process runs of the commands the tests shard: sequential 4 cases, batch mode with 2 groups."""
+    """One-process runs of the commands the tests shard: LoRA sequential 4 cases and batch mode with 2
+    groups; CausalEdit sequential 4 cases (cases 1 and 3 share an edit: the bootstrap cache is in play)."""
     out = {}
-    for name, extra in (("seq", []), ("batch", ["--batch_edit", "2"])):
+    for name, method, extra in MODES:
         tmp = tmp_path_factory.mktemp(f"ref-{name}")
-        proc = one_process(tmp, cli_args(tmp, "LoRA", "--run_id", "r", *extra, max_cases=4))
+        proc = one_process(tmp, cli_args(tmp, method, "--run_id", "r", *extra, max_cases=4))
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[name] = the_run_dir(tmp / "out")
+        out[name] = the_run_dir(tmp / "out", method)
     return out
 
 
-@pytest.mark.parametrize("mode, extra", [("seq", []), ("batch", ["--batch_edit", "2"])])
-def test_two_ranks_merge_to_the_one_process_result(tmp_path, reference, mode, extra):
-    proc = torchrun(tmp_path, ["-m", "code_edit"], cli_args(tmp_path, "LoRA", "--run_id", "r", *extra, max_cases=4))
+MODES = [("seq", "LoRA", []), ("batch", "LoRA", ["--batch_edit", "2"]), ("causal", "CausalEdit", [])]
+
+
+@pytest.mark.parametrize("mode, method, extra", MODES)
+def test_two_ranks_merge_to_the_one_process_result(tmp_path, reference, mode, method, extra):
+    proc = torchrun(tmp_path, ["-m", "code_edit"], cli_args(tmp_path, method, "--run_id", "r", *extra, max_cases=4))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    d, ref = the_run_dir(tmp_path / "out"), reference[mode]
+    d, ref = the_run_dir(tmp_path / "out", method), reference[mode]
     assert d.name == ref.name
     got, want = json.loads((d / "metrics.json").read_text()), json.loads((ref / "metrics.json").read_text())
     assert [(r["unit"], r["case_id"]) for r in got] == [(r["unit"], r["case_id"]) for r in want]  # documented order
@@ -79,7 +84,7 @@ def test_two_ranks_merge_to_the_one_process_result(tmp_path, reference, mode, ex
     assert json.loads((d / "res.json").read_text()) == json.loads((ref / "res.json").read_text())
     # unit i went to rank i % 2, each into its own journal; no one-process journal was written
     units = [u["unit"] for u in json.loads((d / "requests.json").read_text())]
-    assert len(units) == (4 if mode == "seq" else 2)
+    assert len(units) == (2 if mode == "batch" else 4)
     n_cases = {u: sum(r["unit"] == u for r in got) for u in units}
     for r in (0, 1):
         assert [row["unit"] for row in jsonl(d / f"metrics.rank{r}.jsonl")] == \
@@ -87,7 +92,7 @@ def test_two_ranks_merge_to_the_one_process_result(tmp_path, reference, mode, ex
     assert not (d / "metrics.jsonl").exists() and (d / "run.rank1.log").exists()
     info = json.loads((d / "meta" / "run_info.json").read_text())
     assert info["status"] == "finished" and info["world_size"] == 2 and info["units_done"] == len(units)
-    assert "LoRA: 4 cases" in proc.stdout  # rank 0's summary table (batch mode: case 3 is evaluated twice)
+    assert f"{method}: 4 cases" in proc.stdout  # rank 0's summary table (batch mode: case 3 is evaluated twice)
 
 
 HOOK = """
