@@ -1,5 +1,6 @@
 """GPU correctness check of the rollout engine: CUDA-graph and compiled decode against eager decode (fp32),
-and the cached decode against full recomputation. Prints one line per check; exits non-zero on failure."""
+the shared-prompt prefix (few prompts, many samples) against per-row caches, and the cached decode
+against full recomputation. Prints one line per check; exits non-zero on failure."""
 from __future__ import annotations
 
 import os
@@ -31,9 +32,13 @@ def main():
         os.environ["CODE_EDIT_COMPILE"], os.environ["CODE_EDIT_CUDA_GRAPHS"] = env
         greedy = run(model, prompts, temperature=0)
         sampled = run(model, prompts, temperature=1.0, top_p=0.9, num_samples=3, seed=3)
-        results[mode] = (greedy, sampled)
-    base_g, base_s = results["eager"]
-    for mode, (gr, sa) in results.items():
+        shared = run(model, prompts[:3], temperature=0, num_samples=4)  # 3 prompts x 4 rows: shared prefix
+        results[mode] = (greedy, sampled, shared)
+    base_g, base_s, _ = results["eager"]
+    for mode, (gr, sa, sh) in results.items():
+        same_sh = [c.tokens for c in sh] == [base_g[i].tokens for i in range(3) for _ in range(4)]
+        print(f"{mode}: shared-prefix greedy rows identical to per-row greedy={same_sh}")
+        ok &= same_sh
         same_g = [c.tokens for c in gr] == [c.tokens for c in base_g]
         lp = max(abs(a - b) for c, d in zip(gr, base_g) for a, b in zip(c.logprobs, d.logprobs))
         same_s = sum(c.tokens == d.tokens for c, d in zip(sa, base_s))

@@ -54,10 +54,19 @@ def rotate_half(x: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values, one [B, n_kv_heads, S, head_dim] pair per layer."""
+    """Preallocated keys/values, one [B, n_kv_heads, S, head_dim] pair per layer. Optionally a shared
+    prefix, one [n_kv_heads, L, head_dim] pair per layer that every row may attend to (the prompts that
+    many rows sample from, stored once: see `attend`); decode masks then span L + S slots, prefix first."""
 
     k: list[Tensor]
     v: list[Tensor]
+    prefix_k: list[Tensor] | None = None
+    prefix_v: list[Tensor] | None = None
+
+    def layer(self, i: int) -> tuple[Tensor, ...]:
+        if self.prefix_k is None:
+            return self.k[i], self.v[i]
+        return self.k[i], self.v[i], self.prefix_k[i], self.prefix_v[i]
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype: torch.dtype, device) -> "KVCache":
@@ -92,7 +101,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor] | None = None, write_idx: Tensor | None = None) -> Tensor:
+                cache: tuple[Tensor, ...] | None = None, write_idx: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), getattr(self, "fused", None))
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -103,25 +112,46 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        prefix = None
         if cache is not None:  # write this chunk at `write_idx`, then attend over the first S slots
             cache[0].index_copy_(2, write_idx, k)
             cache[1].index_copy_(2, write_idx, v)
-            k, v = cache[0][:, :, : mask.shape[-1]], cache[1][:, :, : mask.shape[-1]]
-        out = attend(q, k, v, mask)
+            prefix = cache[2:] or None
+            S = mask.shape[-1] - (prefix[0].shape[1] if prefix else 0)
+            k, v = cache[0][:, :, :S], cache[1][:, :, :S]
+        out = attend(q, k, v, mask, prefix)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """Grouped-query attention. mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+           prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Grouped-query attention. mask: bool [B, 1, T, S] (True = may attend) or None for plain causal.
+    Decode (T == 1) may also attend to a `prefix` (keys, values [n_kv, L, D]) shared by all rows; the
+    mask then covers [prefix | own slots] ([B, 1, 1, L + S])."""
     if mask is None:  # no cache here, so T == S; a constant flag keeps the length symbolic under torch.compile
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     B, H, T, D = q.shape
-    g = H // k.shape[1]
+    kv = k.shape[1]
+    g = H // kv
     if T == 1:  # decode: group query heads per KV head so the cache is read once, not copied g times
-        qg = q.view(B, k.shape[1], g, D)
-        s = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))
-        s = s.masked_fill(~mask, float("-inf"))
-        return torch.matmul(s.softmax(-1).to(v.dtype), v).view(B, H, 1, D)
+        qg = q.view(B, kv, g, D)
+        s = torch.matmul(qg, k.transpose(-1, -2))
+        if prefix is not None:
+            # The shared prefix is read once for all rows: one [B*g, D] x [D, L] product per KV head,
+            # instead of B copies of the prompt's keys in the rows' own caches.
+            pk, pv = prefix
+            L = pk.shape[1]
+            qf = qg.transpose(0, 1).reshape(kv, B * g, D)
+            sp = torch.bmm(qf, pk.transpose(1, 2)).view(kv, B, g, L).transpose(0, 1)
+            s = torch.cat([sp, s], dim=-1)
+        s = s.float() * (1.0 / math.sqrt(D))
+        p = s.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+        if prefix is None:
+            return torch.matmul(p, v).view(B, H, 1, D)
+        own = torch.matmul(p[..., L:], v).float()
+        pp = p[..., :L].transpose(0, 1).reshape(kv, B * g, L)
+        shared = torch.bmm(pp, pv).view(kv, B, g, D).transpose(0, 1).float()
+        return (own + shared).to(v.dtype).reshape(B, H, 1, D)
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -258,7 +288,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
+            kv = None if cache is None else cache.layer(i)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, write_idx, use_reentrant=False)
             elif self._compiled_blocks is not None and cache is None:

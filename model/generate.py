@@ -1,8 +1,10 @@
 """Batched KV-cache sampling: the rollout engine for candidates, distillation rollouts and evaluation.
 
 Prompts are left-padded into a static, preallocated cache; each prompt is prefilled once and its cache
-copied to its `num_samples` rows; finished rows are compacted away; on CUDA the decode step runs as a
-replayed CUDA graph (optionally compiled), and nothing syncs with the host except every `SYNC_EVERY` steps.
+copied to its `num_samples` rows, or, when few prompts are sampled many times (candidates, rollouts),
+kept once as a prefix that all their rows attend to; finished rows are compacted away; on CUDA the
+decode step runs as a replayed CUDA graph (optionally compiled), and nothing syncs with the host except
+every `SYNC_EVERY` steps.
 """
 from __future__ import annotations
 
@@ -38,6 +40,12 @@ class SamplingParams:
 
 ATTEND_STEP = 256  # decode attends over the filled cache slots rounded up to this (one graph per window)
 RACE_CANDIDATES = 16  # race winners checked against the nucleus (see `sample`)
+# Shared prompts: with num_samples >= 2 and at most this many prompts, each prompt's keys/values are
+# stored once (a prefix all rows attend to) instead of in every row. Each step then reads the prompt
+# once, not once per row; the price is scores over every prompt's slots for every row, which stays
+# smaller than the saved reads while the prompts are few (see `attend`).
+SHARED_PREFIX_MAX_PROMPTS = 4
+MAX_ROWS = 2048  # sequences decoded at once at most (25 replicas x 48 candidates = 1,200 fit in one batch)
 
 
 def process_logits(logits: Tensor, p: SamplingParams, seen: Tensor | None) -> Tensor:
@@ -120,15 +128,17 @@ def _decode_forward(model: Transformer, tok: Tensor, pos: Tensor, mask: Tensor, 
 
 @dataclass
 class _Engine:
-    """Per-model state kept between calls on CUDA: the static cache and the graphs that point into it."""
+    """Per-model state kept between calls on CUDA: the static cache, the shared-prefix buffer and the
+    graphs that point into them."""
 
     cache: KVCache | None = None
+    prefix: KVCache | None = None  # [n_kv, L, D] per layer (batch dimension unused)
     graphs: dict = field(default_factory=dict)
     pool: object = None
     compiled: object = None
 
     def release(self):
-        self.cache, self.graphs, self.pool = None, {}, None
+        self.cache, self.prefix, self.graphs, self.pool = None, None, {}, None
 
 
 def release(model: Transformer) -> None:
@@ -159,6 +169,7 @@ class _Decoder:
 
     def __init__(self, model: Transformer, cache: KVCache):
         self.model, self.cache = model, cache
+        self.L = cache.prefix_k[0].shape[1] if cache.prefix_k is not None else 0
         self.cuda = cache.k[0].is_cuda and _use_graphs()
         # The model cannot change during one generate call: key its graphs once, not per token.
         self.state = _state_key(model) if self.cuda else None
@@ -171,15 +182,17 @@ class _Decoder:
                 self.eng.compiled = torch.compile(_decode_forward, fullgraph=False, dynamic=None)
             self.fwd = self.eng.compiled
 
-    def view(self, B: int, S: int) -> KVCache:
-        return KVCache([t[:B, :, :S] for t in self.cache.k], [t[:B, :, :S] for t in self.cache.v])
+    def view(self, B: int, W: int) -> KVCache:
+        """The first B rows, attending over W mask slots: the shared prefix (if any), then own slots."""
+        S, c = W - self.L, self.cache
+        return KVCache([t[:B, :, :S] for t in c.k], [t[:B, :, :S] for t in c.v], c.prefix_k, c.prefix_v)
 
     def __call__(self, tok: Tensor, pos: Tensor, mask: Tensor, write_idx: Tensor) -> Tensor:
-        """One step attending over the first mask.shape[-1] cache slots (see ATTEND_STEP)."""
+        """One step attending over the first mask.shape[-1] slots (see ATTEND_STEP)."""
         B, S = tok.shape[0], mask.shape[-1]
         if not self.cuda:
             return self.fwd(self.model, tok, pos, mask, self.view(B, S), write_idx)
-        key = (B, S, self.state)
+        key = (B, S, self.L, self.state)
         g = self.eng.graphs.get(key)
         if g is None:
             g = self._capture(B, tok, pos, mask, write_idx)
@@ -207,22 +220,25 @@ class _Decoder:
         return graph, static, out
 
 
-def _plan_rows(model: Transformer, S: int, n_rows: int, max_batch: int | None) -> int:
-    """How many sequences fit at once: the KV cache sized from free GPU memory, a fixed cap on CPU."""
+def _plan_rows(model: Transformer, S: int, n_rows: int, max_batch: int | None, prefix_slots: int = 0) -> int:
+    """How many sequences of S own cache slots fit at once (beside a shared prefix of `prefix_slots`):
+    the KV cache sized from free GPU memory, a fixed cap on CPU."""
     if max_batch:
         return max(1, min(n_rows, max_batch))
     cfg = model.config
     p = model.lm_head.weight
     if p.device.type != "cuda":
         return max(1, min(n_rows, 64))
-    per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * S * p.element_size()
-    per_row += cfg.vocab_size * 4 * 6  # fp32 logits, processed logits, sort buffers, noise
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * p.element_size()
+    per_row = per_slot * S + cfg.vocab_size * 4 * 6  # KV; fp32 logits, processed logits, sort buffers, noise
     free, _ = torch.cuda.mem_get_info()
     eng = getattr(model, "_gen_engine", None)
-    if eng is not None and eng.cache is not None:  # the kept cache can be reused, count it as free
-        free += sum(t.numel() * t.element_size() for t in eng.cache.k + eng.cache.v)
-    budget = 0.85 * free - 2 * 1024**3  # headroom for prefill activations and the graph pool
-    return max(1, min(n_rows, int(budget // per_row), 1024))
+    if eng is not None:  # the kept cache and prefix can be reused, count them as free
+        for c in (eng.cache, eng.prefix):
+            if c is not None:
+                free += sum(t.numel() * t.element_size() for t in c.k + c.v)
+    budget = 0.85 * free - 2 * 1024**3 - per_slot * prefix_slots  # headroom: prefill activations, graph pool
+    return max(1, min(n_rows, int(budget // per_row), MAX_ROWS))
 
 
 def _get_cache(model: Transformer, B: int, S: int, dtype, device) -> KVCache:
@@ -236,6 +252,21 @@ def _get_cache(model: Transformer, B: int, S: int, dtype, device) -> KVCache:
         # Round up so nearby shapes reuse the cache and its graphs.
         eng.cache = KVCache.empty(model.config, B, 64 * math.ceil(S / 64), dtype, device)
     return eng.cache
+
+
+def _get_prefix(model: Transformer, L: int, dtype, device) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-layer [n_kv, L, D] prefix buffers (views of a kept, larger one on CUDA, so graphs stay valid)."""
+    cfg = model.config
+    if device.type != "cuda":
+        c = KVCache.empty(cfg, 1, L, dtype, device)
+        return [t[0] for t in c.k], [t[0] for t in c.v]
+    eng = _engine(model)
+    if eng.prefix is None or eng.prefix.length < L:
+        eng.graphs = {}  # they point at the old buffer
+        eng.prefix = None
+        torch.cuda.empty_cache()
+        eng.prefix = KVCache.empty(cfg, 1, 256 * math.ceil(L / 256), dtype, device)
+    return [t[0, :, :L] for t in eng.prefix.k], [t[0, :, :L] for t in eng.prefix.v]
 
 
 @torch.inference_mode()
@@ -258,6 +289,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
 
     was_training = model.training
     model.eval()
+    shared = num_samples >= 2 and len(prompts) <= SHARED_PREFIX_MAX_PROMPTS
     try:
         # Longest prompts first: batches of similar length waste less padding.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -265,10 +297,14 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         results: dict[tuple[int, int], Completion] = {}
         start = 0
         while start < len(rows):
-            S = len(prompts[rows[start][0]]) + max_new_tokens
-            n = _plan_rows(model, S, len(rows) - start, max_batch)
+            P = len(prompts[rows[start][0]])
+            if shared:
+                n = _plan_rows(model, max_new_tokens, len(rows) - start, max_batch, len(prompts) * (P + 64))
+            else:
+                n = _plan_rows(model, P + max_new_tokens, len(rows) - start, max_batch)
             try:
-                for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, gen):
+                for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, gen,
+                                    shared):
                     results[(c.prompt_index, c.sample_index)] = c
                 start += n
             except torch.OutOfMemoryError:
@@ -283,7 +319,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
 
 def _prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, row_prompt: Tensor, P: int) -> Tensor:
     """Run each distinct prompt once (left-padded to P), copy its keys/values into the rows that sample
-    from it, and return each row's next-token logits (fp32)."""
+    from it (or, with a shared prefix, once into the prefix: prompt j at slots [jP, (j+1)P)), and return
+    each row's next-token logits (fp32)."""
     device = cache.k[0].device
     n = len(prompts)
     chunk = max(1, PREFILL_TOKENS // P)
@@ -298,6 +335,13 @@ def _prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, row_p
         tmp = KVCache.empty(model.config, len(part), P, cache.k[0].dtype, device)
         h = model.run(ids, positions_from_mask(am), padding_mask(am), tmp, torch.arange(P, device=device))
         last.append(model.lm_head(h[:, -1]).float())
+        if cache.prefix_k is not None:
+            for L in range(len(cache.k)):
+                for dst, src_t in ((cache.prefix_k[L], tmp.k[L]), (cache.prefix_v[L], tmp.v[L])):
+                    kv, _, D = dst.shape
+                    dst[:, c0 * P:(c0 + len(part)) * P] = src_t.transpose(0, 1).reshape(kv, len(part) * P, D)
+            del tmp
+            continue
         sel = (row_prompt >= c0) & (row_prompt < c0 + len(part))
         rows = sel.nonzero().squeeze(1)
         src = row_prompt[rows] - c0
@@ -308,23 +352,39 @@ def _prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, row_p
     return torch.cat(last).index_select(0, row_prompt)
 
 
-def _run_batch(model, prompts, rows, max_new, params, stops, gen) -> list[Completion]:
+def _run_batch(model, prompts, rows, max_new, params, stops, gen, shared=False) -> list[Completion]:
     device = model.lm_head.weight.device
     cfg = model.config
+    dtype = model.lm_head.weight.dtype
     uniq = sorted({i for i, _ in rows}, key=lambda i: -len(prompts[i]))
     slot = {i: j for j, i in enumerate(uniq)}
     lens = torch.tensor([len(prompts[i]) for i, _ in rows], device=device)
-    P = int(max(len(prompts[i]) for i in uniq))
-    # On CUDA round the attended length up so calls with similar prompts reuse the captured graphs.
-    S = P + max_new if device.type != "cuda" else 64 * math.ceil((P + max_new) / 64)
-    B0 = len(rows)
-    cache = _get_cache(model, B0, S, model.lm_head.weight.dtype, device)
     row_prompt = torch.tensor([slot[i] for i, _ in rows], device=device)
+    P = int(max(len(prompts[i]) for i in uniq))
+    cuda = device.type == "cuda"
+    B0 = len(rows)
+    # Own cache slots per row: the prompt and the new tokens, or only the new tokens beside a shared
+    # prefix. On CUDA lengths are rounded up so calls with similar prompts reuse the captured graphs.
+    if shared:
+        P = 64 * math.ceil(P / 64) if cuda else P
+        S = 64 * math.ceil(max_new / 64) if cuda else max_new
+        L, first = len(uniq) * P, 0  # prefix slots; own slot of the first new token
+    else:
+        S = 64 * math.ceil((P + max_new) / 64) if cuda else P + max_new
+        L, first = 0, P
+    cache = _get_cache(model, B0, S, dtype, device)
+    if shared:
+        cache = KVCache(cache.k, cache.v, *_get_prefix(model, L, dtype, device))
     logits = _prefill(model, [prompts[i] for i in uniq], cache, row_prompt, P)
 
     # Per-row decode state, all on the device. Row B0 of the output buffers absorbs writes of filler rows.
-    valid = torch.zeros(B0, S, dtype=torch.bool, device=device)
-    valid[:, :P] = torch.arange(P, device=device)[None] >= (P - lens)[:, None]
+    # valid: the mask over [prefix slots | own slots]; a row sees its own prompt's real tokens.
+    valid = torch.zeros(B0, L + S, dtype=torch.bool, device=device)
+    if shared:
+        j = torch.arange(L, device=device)[None]
+        valid[:, :L] = (j >= row_prompt[:, None] * P + P - lens[:, None]) & (j < (row_prompt[:, None] + 1) * P)
+    else:
+        valid[:, :P] = torch.arange(P, device=device)[None] >= (P - lens)[:, None]
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(B0, cfg.vocab_size, dtype=torch.bool, device=device)
@@ -337,18 +397,18 @@ def _run_batch(model, prompts, rows, max_new, params, stops, gen) -> list[Comple
     row_id = torch.arange(B0, device=device)
     done = torch.zeros(B0, dtype=torch.bool, device=device)
     pos = lens.clone()
-    write = torch.tensor([P], device=device)
+    write = torch.tensor([first], device=device)
     dec = _Decoder(model, cache)
     pick = _picker(device)
     B = B0
     tok = None  # the token fed to the next decode step (step 0 reads the prefill's logits)
     for t in range(max_new):
         if t > 0:
-            valid[:, P + t - 1] = True
+            valid[:, L + first + t - 1] = True
             # Attend over the filled slots rounded up to ATTEND_STEP, not all S: each step reads the
             # cache (the decode's main cost at large batch), and early steps need much less of it.
-            window = min(S, ATTEND_STEP * math.ceil((P + t) / ATTEND_STEP))
-            logits = dec(tok, pos, valid[:, None, None, :window], write)
+            window = min(S, ATTEND_STEP * math.ceil((first + t) / ATTEND_STEP))
+            logits = dec(tok, pos, valid[:, None, None, :L + window], write)
             pos += 1
             write += 1
         noise = torch.empty_like(logits).exponential_(generator=gen) if params.temperature > 0 else None

@@ -90,6 +90,75 @@ def test_growing_attention_window(pair, monkeypatch):
         assert torch.allclose(torch.tensor(c.logprobs), lp[: len(want)], atol=1e-4)
 
 
+def spy_shared(monkeypatch):
+    """Record the `shared` flag of every batch generate() runs."""
+    flags, real = [], G._run_batch
+
+    def run(model, prompts_, rows, *a):
+        flags.append(a[-1])
+        return real(model, prompts_, rows, *a)
+
+    monkeypatch.setattr(G, "_run_batch", run)
+    return flags
+
+
+def test_shared_prefix_rows_equal_full_recompute(pair, monkeypatch):
+    """Few prompts sampled many times keep each prompt's keys/values once, as a prefix all its rows attend
+    to (ragged prompts side by side, left-padded). Every row must still equal full recomputation, also
+    with the window growing, rows stopping and compaction moving rows under the fixed prefix."""
+    _, m = pair
+    monkeypatch.setattr(G, "ATTEND_STEP", 8)
+    monkeypatch.setattr(G, "SYNC_EVERY", 3)
+    flags = spy_shared(monkeypatch)
+    prompts = ragged(3, seed=9)  # lengths 5, 17, 9
+    ref = [full_recompute_greedy(m, p, 22) for p in prompts]
+    stop = ref[2][0][4]
+    out = generate(m, prompts, max_new_tokens=22, temperature=0, num_samples=3, stop_ids=[stop])
+    assert flags == [True]
+    assert [(c.prompt_index, c.sample_index) for c in out] == [(i, s) for i in range(3) for s in range(3)]
+    for c in out:
+        toks, lp = ref[c.prompt_index]
+        want = toks[: toks.index(stop) + 1] if stop in toks else toks
+        assert c.tokens == want
+        assert torch.allclose(torch.tensor(c.logprobs), lp[: len(want)], atol=1e-4)
+
+
+def test_shared_prefix_samples_like_per_row_caches(pair, monkeypatch):
+    """The same seed draws the same tokens with a shared prefix as with the prompt copied into every row
+    (the two differ only in float rounding); many prompts or one sample each use per-row caches."""
+    _, m = pair
+    prompts = ragged(4, seed=2)
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, num_samples=5, stop_ids=[], seed=3)
+    flags = spy_shared(monkeypatch)
+    shared = generate(m, prompts, **kw)
+    monkeypatch.setattr(G, "SHARED_PREFIX_MAX_PROMPTS", 3)  # 4 prompts: now above the limit
+    per_row = generate(m, prompts, **kw)
+    generate(m, prompts[:2], max_new_tokens=4, temperature=0, stop_ids=[])  # one sample per prompt
+    assert flags == [True, False, False]
+    assert [c.tokens for c in shared] == [c.tokens for c in per_row]
+    for a, b in zip(shared, per_row):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_attend_with_prefix_equals_attention_over_concatenated_keys():
+    """The shared-prefix decode attention against plain softmax attention over [prefix | own] keys,
+    expanded to every row and query head (float64)."""
+    g = torch.Generator().manual_seed(0)
+    B, kv, grp, D, L, S = 5, 2, 3, 8, 7, 4
+    q = torch.randn(B, kv * grp, 1, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, kv, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pk, pv = (torch.randn(kv, L, D, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(B, 1, 1, L + S, generator=g) > 0.3
+    mask[:, ..., -1] = True
+    from model.decoder import attend
+
+    got = attend(q, k, v, mask, (pk, pv))
+    K = torch.cat([pk[None].expand(B, -1, -1, -1), k], 2).repeat_interleave(grp, 1)
+    V = torch.cat([pv[None].expand(B, -1, -1, -1), v], 2).repeat_interleave(grp, 1)
+    w = (q @ K.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
+    assert torch.allclose(got, w @ V, atol=1e-12)
+
+
 def test_seed_reproducible_and_distinct(pair):
     _, m = pair
     prompts = ragged(3)
