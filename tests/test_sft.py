@@ -9,6 +9,7 @@ from model import generate
 from model.config import ModelConfig
 from model.decoder import Transformer
 from model.lora import LoraConfig, add_lora, lora_parameters
+from train.losses import completion_ce_loss
 from train.sft import SFTConfig, collate, sft, sft_plan, truncate_example, warmup_cosine
 
 PROMPT = [1, 10, 11, 12, 13]
@@ -72,11 +73,57 @@ def test_early_stop_matches_the_unstopped_trajectory():
               SFTConfig(**kw, stop_loss=threshold, stop_consecutive=consecutive), log=lambda d: lrs.append(d["lr"]))
     assert out["stopped_early"] and out["steps"] == first + 1
     assert out["losses"] == L[: first + 1] and out["final_loss"] == L[first]
+    assert all(p.grad is None for p in params)  # the step queued behind the stopping one left no gradient
     # the schedule still runs over the planned 60 steps (METHOD.md 3.2), not over the steps taken
     total, warmup = 60, 6
     assert lrs == pytest.approx([2e-2 * (s / warmup if s < warmup else
                                         0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
                                  for s in range(first + 1)], rel=1e-12)
+
+
+def plain_loop(model, examples, params, cfg: SFTConfig):
+    """The SFT loop written the obvious way (each step: forward, backward, clip, AdamW, read the loss,
+    maybe stop), the reference for `sft`, which reads each loss one step late."""
+    total, warmup = sft_plan(len(examples), cfg.batch_size, cfg.epochs, cfg.warmup_ratio)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses, below, step = [], 0, 0
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(examples), generator=gen).tolist()
+            for b0 in range(0, len(order), cfg.batch_size):
+                ids, _, labels = collate([examples[i] for i in order[b0:b0 + cfg.batch_size]], "cpu")
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * warmup_cosine(step, total, warmup)
+                h = model.hidden(ids)
+                loss = completion_ce_loss(h.reshape(-1, h.shape[-1]), model.lm_head.weight, labels.reshape(-1))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(float(loss.detach()))
+                below = below + 1 if losses[-1] < cfg.stop_loss else 0
+                if below >= cfg.stop_consecutive:
+                    model.eval()
+                    return losses
+    model.eval()
+    return losses
+
+
+def test_equals_the_plain_loop_up_to_the_early_stop():
+    examples = [(PROMPT, COMPLETION[: 3 + i % 4]) for i in range(6)]
+    cfg = SFTConfig(lr=2e-2, epochs=30, batch_size=4, max_grad_norm=1.0, stop_loss=0.6, stop_consecutive=2)
+    model, params = lora_model()
+    want = plain_loop(model, examples, params, cfg)
+    assert 5 < len(want) < 30 * 2 - 5  # the stop falls inside the run
+    model2, params2 = lora_model()
+    out = sft(model2, examples, params2, cfg)
+    assert out["stopped_early"] and out["losses"] == want
+    assert all(torch.equal(a, b) for a, b in zip(params2, params))
+
 
 
 def test_schedule_and_only_lora_changes():

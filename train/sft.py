@@ -1,7 +1,8 @@
 """Supervised LoRA fine-tuning with a completion-only loss (causal bootstrapping's SFT, METHOD.md 3.2 step 9).
 
 AdamW over the given parameters, linear warmup then cosine decay over the planned steps, gradient
-clipping, per-epoch shuffling, early stop once the step loss stays below a threshold.
+clipping, per-epoch shuffling, early stop once the step loss stays below a threshold. The host reads each
+step's loss one step late, so it never waits for the GPU to drain (see `sft`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def collate(rows: list[tuple[list[int], list[int]]], device, pad_id: int = 0,
         ids[b, : len(s)] = torch.tensor(s)
         mask[b, : len(s)] = 1
         labels[b, len(p) - 1: len(p) - 1 + len(c)] = torch.tensor(c)
+    if torch.device(device).type == "cuda":  # pinned: the copies queue behind the GPU's work, the host goes on
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (ids, mask, labels))
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -86,6 +89,26 @@ def right_padded_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tens
     so real positions come out the same as with the mask, while the plain-causal path lets SDPA use
     its fused (flash) kernels. Padding positions carry garbage and must be ignored by the caller."""
     return model.hidden(input_ids)
+
+
+class _StepStats:
+    """A step's loss and gradient norm, read by the host later: on CUDA copied to pinned memory behind an
+    event, so waiting for them does not wait for the work queued after them."""
+
+    def __init__(self, loss: torch.Tensor, gnorm: torch.Tensor):
+        self.event = None
+        if loss.is_cuda:
+            self.values = torch.stack([loss.float(), gnorm.float()]).to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = torch.stack([loss.float(), gnorm.float()])
+
+    def read(self) -> tuple[float, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, gnorm = self.values.tolist()
+        return loss, gnorm
 
 
 def _check(examples, params, cfg: SFTConfig, vocab: int) -> None:
@@ -142,37 +165,51 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
         model.compile_blocks()
     model.train()
     # Dropout masks come from the global RNG: fork it so a seed gives one run, and the caller's state stays.
+    def batches():
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(rows), generator=gen).tolist()
+            for b0 in range(0, len(order), cfg.batch_size):
+                yield epoch, [rows[i] for i in order[b0:b0 + cfg.batch_size]]
+
+    def finish(pending: tuple) -> bool:
+        """Record a finished step; whether it stops the run."""
+        nonlocal below
+        step, epoch, lr, n_tokens, stats = pending
+        value, gnorm = stats.read()
+        losses.append(value)
+        if log is not None:
+            log({"step": step, "epoch": epoch, "loss": value, "lr": lr, "grad_norm": gnorm, "tokens": n_tokens})
+        below = below + 1 if cfg.stop_loss is not None and value < cfg.stop_loss else 0
+        return cfg.stop_loss is not None and below >= cfg.stop_consecutive
+
+    # Step k's loss is read after step k+1's forward and backward are queued, so the host never waits
+    # for an idle GPU (a 135M model's step is launch-bound). If step k stops the run, step k+1's
+    # gradients are dropped before its optimizer step: parameters, losses and logs are those of the
+    # plain loop, and step k+1's dropout draws come from the forked RNG, restored below.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         try:
-            step = 0
-            for epoch in range(cfg.epochs):
-                order = torch.randperm(len(rows), generator=gen).tolist()
-                for b0 in range(0, len(order), cfg.batch_size):
-                    batch = [rows[i] for i in order[b0:b0 + cfg.batch_size]]
-                    ids, _, labels = collate(batch, device)
-                    lr = cfg.lr * warmup_cosine(step, total, warmup)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    h = right_padded_hidden(model, ids)
-                    loss = completion_ce_loss(h.reshape(-1, h.shape[-1]), W, labels.reshape(-1))
-                    loss.backward()
-                    del h
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()
+            pending = None
+            for step, (epoch, batch) in enumerate(batches()):
+                ids, _, labels = collate(batch, device)
+                h = right_padded_hidden(model, ids)
+                loss = completion_ce_loss(h.reshape(-1, h.shape[-1]), W, labels.reshape(-1))
+                loss.backward()
+                del h
+                if pending is not None and finish(pending):
                     opt.zero_grad(set_to_none=True)
-                    step += 1
-                    value = float(loss.detach())
-                    losses.append(value)
-                    if log is not None:
-                        log({"step": step, "epoch": epoch, "loss": value, "lr": lr, "grad_norm": float(gnorm),
-                             "tokens": int((labels != -100).sum())})
-                    below = below + 1 if cfg.stop_loss is not None and value < cfg.stop_loss else 0
-                    if cfg.stop_loss is not None and below >= cfg.stop_consecutive:
-                        stopped = True
-                        break
-                if stopped:
+                    stopped, pending = True, None
                     break
+                lr = cfg.lr * warmup_cosine(step, total, warmup)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                stats = _StepStats(loss.detach(), gnorm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                pending = (step + 1, epoch, lr, sum(len(c) for _, c in batch), stats)
+            if pending is not None:
+                stopped = finish(pending)
         finally:
             model.gradient_checkpointing = ckpt_before
             model.eval()
