@@ -232,6 +232,7 @@ def _plan_rows(model: Transformer, S: int, n_rows: int, max_batch: int | None, p
     per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * p.element_size()
     per_row = per_slot * S + cfg.vocab_size * 4 * 6  # KV; fp32 logits, processed logits, sort buffers, noise
     free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # the allocator's idle blocks (training's)
     eng = getattr(model, "_gen_engine", None)
     if eng is not None:  # the kept cache and prefix can be reused, count them as free
         for c in (eng.cache, eng.prefix):
