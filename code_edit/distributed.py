@@ -1,6 +1,7 @@
 """Several processes on one editing run (torchrun): rank and world size from torchrun's environment,
-a gloo process group for the few control messages, the round-robin shard of the units still to do,
-and each rank's GPU. Without torchrun's environment (or with WORLD_SIZE=1) nothing here talks to anyone.
+torch.distributed's key-value store for the few control messages, the round-robin shard of the units
+still to do, and each rank's GPU. Without torchrun's environment (or with WORLD_SIZE=1) nothing here
+talks to anyone.
 """
 
 from __future__ import annotations
@@ -8,45 +9,55 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
 # The control messages are a few pickled objects (the plan, the units to do, failure counts); no tensor
-# crosses devices, so gloo serves CPU and CUDA runs alike and needs no NCCL communicator or GPU memory.
-# The final gather waits for the slowest rank, which can be a long case behind: hence a long timeout
-# (a rank that dies is torchrun's business: it stops the others).
-BACKEND = "gloo"
+# crosses devices. They go through the TCP key-value store that torchrun's rendezvous provides (the one
+# process groups are built on), not through a gloo process group: a gloo group's transport threads
+# aborted a rank now and then at the end of a run (SIGABRT, "terminate called without an active
+# exception", about one test run in three on 2 CPU cores), and a store needs no threads of its own.
+# A rank waits for a message up to TIMEOUT: the final gather waits for the slowest rank, which can be
+# a long case behind (a rank that dies is torchrun's business: it stops the others).
 TIMEOUT = dt.timedelta(hours=72)
+PREFIX = "code_edit"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ranks:
-    """This process's place in the run: rank r of `world` processes, `local_rank` on its host."""
+    """This process's place in the run: rank r of `world` processes, `local_rank` on its host; with
+    several, the store that carries their messages (keys numbered by the messages so far, which every
+    rank exchanges in the same order)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    store: Any = field(default=None, compare=False, repr=False)
+    sent: int = field(default=0, compare=False, repr=False)
+
+    def _key(self, kind: str) -> str:
+        self.sent += 1
+        return f"{kind}/{self.sent}"
 
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's `obj` on every rank."""
         if self.world == 1:
             return obj
-        import torch.distributed as tdist
-
-        box = [obj if self.rank == 0 else None]
-        tdist.broadcast_object_list(box, src=0)
-        return box[0]
+        key = self._key("broadcast")
+        if self.rank == 0:
+            self.store.set(key, pickle.dumps(obj))
+            return obj
+        return pickle.loads(self.store.get(key))  # waits until rank 0 has set it
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, by rank, on every rank (also a barrier)."""
         if self.world == 1:
             return [obj]
-        import torch.distributed as tdist
-
-        out: list[Any] = [None] * self.world
-        tdist.all_gather_object(out, obj)
-        return out
+        key = self._key("gather")
+        self.store.set(f"{key}/{self.rank}", pickle.dumps(obj))
+        return [pickle.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
 
 
 def env_ranks() -> Ranks:
@@ -62,22 +73,23 @@ def env_ranks() -> Ranks:
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[Ranks]:
-    """The ranks of this run; with WORLD_SIZE > 1 a gloo process group lives for the duration."""
+def run_ranks() -> Iterator[Ranks]:
+    """The ranks of this run; with WORLD_SIZE > 1 connected to the run's store for the duration (torchrun's
+    agent store, or one rank 0 hosts: torch.distributed's env:// rendezvous, as init_process_group uses)."""
     ranks = env_ranks()
     if ranks.world == 1:
         yield ranks
         return
     import torch.distributed as tdist
 
-    created = not tdist.is_initialized()
-    if created:
-        tdist.init_process_group(BACKEND, timeout=TIMEOUT)
+    store, rank, world = next(tdist.rendezvous("env://", timeout=TIMEOUT))
+    if (rank, world) != (ranks.rank, ranks.world):
+        raise ValueError(f"env:// rendezvous gave rank {rank} of {world}, the environment {ranks.rank} of {ranks.world}")
+    ranks.store = tdist.PrefixStore(PREFIX, store)
     try:
         yield ranks
     finally:
-        if created:
-            tdist.destroy_process_group()
+        ranks.store = None
 
 
 def shard(items: Sequence[T], rank: int, world: int) -> list[T]:

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from code_edit.config import CausalEditConfig, load_hparams
 from code_edit.data import (EditRequest, batch_edit_groups, case_has_articles, default_cache_root, edit_requests,
                             load_dataset, order_cases)
-from code_edit.distributed import Ranks, process_group, rank_device, shard
+from code_edit.distributed import Ranks, rank_device, run_ranks, shard
 from code_edit.editor import Editor, Reporter, needs_articles, normalize_method
 from eval.files import append_jsonl, atomic_write_json, read_json, read_jsonl
 from eval.probes import string_match_summary
@@ -355,7 +355,7 @@ def execute(args: Any, *, editor_factory: Any = None) -> Path:
     share into its own journal; when all are done rank 0 merges the journals into metrics.json and
     res.json. One process does all of it alone.
     """
-    with process_group() as ranks, contextlib.ExitStack() as stack:
+    with run_ranks() as ranks, contextlib.ExitStack() as stack:
         if ranks.rank == 0:
             try:
                 start, info = _open_run(args, ranks, stack)

@@ -1,4 +1,4 @@
-"""torchrun sharding (code_edit.distributed): 2 gloo processes on the tiny model merge to the same
+"""torchrun sharding (code_edit.distributed): 2 processes on the tiny model merge to the same
 metrics as 1 process (sequential and batch mode); a 2-process run killed mid-way is finished by a
 1-process resume with every case exactly once; rank 0's start errors stop every rank; the pure parts
 (shard, journal merge, device choice) against hand-built cases."""
@@ -39,7 +39,7 @@ def the_run_dir(root, method="LoRA"):
 
 def torchrun(tmp_path, target, args, nproc=2):
     """`python -m torch.distributed.run --standalone` (a free rendezvous port) with one thread per rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CODE_EDIT_CACHE": str(tmp_path / "cache"),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "CODE_EDIT_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -49,7 +49,7 @@ def torchrun(tmp_path, target, args, nproc=2):
 
 def one_process(tmp_path, args):
     """Plain `python -m code_edit` in a subprocess with the environment of a torchrun rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CODE_EDIT_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "CODE_EDIT_CACHE": str(tmp_path / "cache")}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "code_edit", *args], cwd=REPO, env=env, capture_output=True,
@@ -96,14 +96,15 @@ def test_two_ranks_merge_to_the_one_process_result(tmp_path, reference, mode, me
 
 
 HOOK = """
-import os, signal, sys
-import torch.distributed as tdist
+import os, signal, sys, time
 import code_edit.run as R
 real = R.Journal.append
 def append(self, unit, records):
     real(self, unit, records)
-    tdist.barrier()  # both ranks have journaled their first unit: the cut is the same every time
-    if tdist.get_rank() == 1:  # and rank 1 dies in the middle of writing a line
+    # wait until both ranks have journaled their first unit: the cut is the same every time
+    while not all((self.path.parent / f"metrics.rank{r}.jsonl").exists() for r in (0, 1)):
+        time.sleep(0.05)
+    if os.environ["RANK"] == "1":  # and rank 1 dies in the middle of writing a line
         with open(self.path, "a") as f:
             f.write('{"unit": "case-999", "case_id": 999, "rec')
     os.kill(os.getpid(), signal.SIGKILL)
