@@ -17,9 +17,9 @@ T = TypeVar("T")
 
 # The control messages are a few pickled objects (the plan, the units to do, failure counts); no tensor
 # crosses devices. They go through the TCP key-value store that torchrun's rendezvous provides (the one
-# process groups are built on), not through a gloo process group: a gloo group's transport threads
-# aborted a rank now and then at the end of a run (SIGABRT, "terminate called without an active
-# exception", about one test run in three on 2 CPU cores), and a store needs no threads of its own.
+# process groups are built on), not through a gloo process group: with one open, a rank aborted now and
+# then at the end of a run (SIGABRT, "terminate called without an active exception", 3 of 13 test-suite
+# runs on 2 CPU cores; cause inside gloo not pinned down), and a store client has no threads of its own.
 # A rank waits for a message up to TIMEOUT: the final gather waits for the slowest rank, which can be
 # a long case behind (a rank that dies is torchrun's business: it stops the others).
 TIMEOUT = dt.timedelta(hours=72)
