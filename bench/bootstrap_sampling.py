@@ -10,12 +10,14 @@ Floor = sum over decode steps of max(bytes / bandwidth, flops / matmul rate), by
 the KV slots each mode must read at that step (all rows' own slots; the shared prompt once).
 
 GPU:  cd bench && PYTHONPATH=.. python bootstrap_sampling.py [--random-7b] [--out bootstrap_sampling.json]
+CPU:  cd bench && PYTHONPATH=.. python bootstrap_sampling.py --device cpu --samples 32 --max-new 48  (fp32, no floor)
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import random
+import time
 
 import torch
 
@@ -48,9 +50,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--random-7b", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: fp32 SmolLM2, one call per mode, no floor")
+    ap.add_argument("--samples", type=int, help="default: the preset's replicas x candidates")
+    ap.add_argument("--max-new", type=int, help="default: the preset's limit")
     args = ap.parse_args()
-    bw, flops = measure_bandwidth(), measure_matmul_flops()
-    print(f"device: {device_line()}; copy {bw / 1e12:.2f} TB/s; bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+    cuda = args.device == "cuda"
+    if cuda:
+        bw, flops = measure_bandwidth(), measure_matmul_flops()
+        print(f"device: {device_line()}; copy {bw / 1e12:.2f} TB/s; bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
     if args.random_7b:
         cfg = load_hparams("qwen2.5-7b-instruct")
         model = random_model(QWEN25_7B)
@@ -58,7 +65,7 @@ def main():
         prompt, stops = [rng.randrange(1000, 150000) for _ in range(640)], []
     else:
         cfg = load_hparams("smollm2-135m-instruct")
-        model = load_model(cfg.model.source, dtype=torch.bfloat16, device="cuda").eval()
+        model = load_model(cfg.model.source, dtype=torch.bfloat16 if cuda else torch.float32, device=args.device).eval()
         tok = load_tokenizer(cfg.model.source)
         (case,) = [c for c in load_dataset("MQuAKE-hard") if c["case_id"] == 8772]
         req = edit_requests(case)[0]
@@ -66,8 +73,8 @@ def main():
                                                   article=req.article))
         stops = list(tok.eos_ids)
     b = cfg.bootstrap
-    n = b.replica_times * b.num_samples
-    budget = min(b.max_new_tokens, cfg.model.max_seq_len - len(prompt))
+    n = args.samples or b.replica_times * b.num_samples
+    budget = min(args.max_new or b.max_new_tokens, cfg.model.max_seq_len - len(prompt))
     kw = dict(max_new_tokens=budget, temperature=b.temperature, top_p=b.top_p, num_samples=n, stop_ids=stops, seed=2)
     print(f"prompt {len(prompt)} tokens, {n} samples, <= {budget} new tokens", flush=True)
     rows, outs = [], {}
@@ -75,10 +82,15 @@ def main():
         G.SHARED_PREFIX_MAX_PROMPTS, G.MAX_ROWS = share, cap
         G.release(model)
         generate = G.generate
-        generate(model, [prompt], **kw)  # compile, capture
-        comps, sec, peak = timed(lambda: generate(model, [prompt], **kw))
+        if cuda:
+            generate(model, [prompt], **kw)  # compile, capture
+            comps, sec, peak = timed(lambda: generate(model, [prompt], **kw))
+        else:
+            t = time.perf_counter()
+            comps, peak = generate(model, [prompt], **kw), 0
+            sec = time.perf_counter() - t
         lengths = [len(c.tokens) for c in comps]
-        floor = floor_seconds(model, len(prompt), lengths, share > 0, bw, flops)
+        floor = floor_seconds(model, len(prompt), lengths, share > 0, bw, flops) if cuda else float("nan")
         outs[mode] = comps
         rows.append(dict(mode=mode, seconds=sec, new_tokens=sum(lengths), tok_s=sum(lengths) / sec,
                          longest=max(lengths), floor_s=floor, pct_of_floor=100 * floor / sec, peak_gib=peak / 2**30))
@@ -86,12 +98,12 @@ def main():
     ref = outs["per-row"]
     for r in rows:
         r["same_tokens_as_per_row"] = sum(a.tokens == c.tokens for a, c in zip(outs[r["mode"]], ref)) / n
-    print(f"\n| mode | s | new tokens | tok/s | longest | floor s | % of floor | peak GiB | same tokens as per-row |")
+    print("\n| mode | s | new tokens | tok/s | longest | floor s | % of floor | peak GiB | same tokens as per-row |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['mode']} | {r['seconds']:.1f} | {r['new_tokens']:,} | {r['tok_s']:,.0f} | {r['longest']} | "
               f"{r['floor_s']:.2f} | {r['pct_of_floor']:.0f}% | {r['peak_gib']:.1f} | {r['same_tokens_as_per_row']:.0%} |")
-    write_json(args.out, dict(device=device_line(), prompt_tokens=len(prompt), samples=n, rows=rows))
+    write_json(args.out, dict(device=device_line() if cuda else "cpu", prompt_tokens=len(prompt), samples=n, rows=rows))
 
 
 if __name__ == "__main__":
