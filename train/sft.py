@@ -164,7 +164,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     if device.type == "cuda":  # small models are launch-bound in eager mode (BENCHMARKS "SmolLM2")
         model.compile_blocks()
     model.train()
-    # Dropout masks come from the global RNG: fork it so a seed gives one run, and the caller's state stays.
+
     def batches():
         for epoch in range(cfg.epochs):
             order = torch.randperm(len(rows), generator=gen).tolist()
@@ -186,6 +186,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     # for an idle GPU (a 135M model's step is launch-bound). If step k stops the run, step k+1's
     # gradients are dropped before its optimizer step: parameters, losses and logs are those of the
     # plain loop, and step k+1's dropout draws come from the forked RNG, restored below.
+    # Dropout masks come from the global RNG: fork it so a seed gives one run, and the caller's state stays.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         try:
