@@ -37,23 +37,27 @@ def the_run_dir(root, method="LoRA"):
     return d
 
 
-def torchrun(tmp_path, target, args, nproc=2):
-    """`python -m torch.distributed.run --standalone` (a free rendezvous port) with one thread per rank."""
+def rank_env(tmp_path) -> dict:
+    """The environment of a rank: one thread, tracebacks on fatal signals, the test's cache, the repo
+    importable, and no torchrun variables left over from outside."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "CODE_EDIT_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    return env
+
+
+def torchrun(tmp_path, target, args, nproc=2):
+    """`python -m torch.distributed.run --standalone` (a free rendezvous port) with one thread per rank."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), *target, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           str(nproc), *target, *args], cwd=REPO, env=rank_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
 
 
 def one_process(tmp_path, args):
     """Plain `python -m code_edit` in a subprocess with the environment of a torchrun rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "CODE_EDIT_CACHE": str(tmp_path / "cache")}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "code_edit", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "code_edit", *args], cwd=REPO, env=rank_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
