@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.losses import completion_ce_loss, distill_loss, token_logprobs
+from train.losses import completion_ce_loss, distill_loss, token_logprobs, weighted_ce_at
 
 N, H, V = 37, 24, 1013
 
@@ -216,6 +216,33 @@ def test_completion_ce_all_ignored_and_bad_labels():
     labels[4] = V
     with pytest.raises(ValueError, match=r"labels\[4\]"):
         completion_ce_loss(hs, W, labels)
+
+
+def test_weighted_ce_at_with_padding_entries_matches_weighted_cross_entropy():
+    """Fixed-size rows as the CUDA-graph SFT step builds them: real positions with their weights, then
+    weight-0 padding entries that all point at row 0 (a repeated index must add nothing)."""
+    hs, _, W, _ = make_inputs(seed=11)
+    g = torch.Generator().manual_seed(2)
+    rows = torch.tensor([1, 4, 5, 9, 12])
+    targets = torch.randint(0, V, (5,), generator=g)
+    w = torch.rand(5, generator=g)
+    pad = 4
+    rows_p = torch.cat([rows, torch.zeros(pad, dtype=torch.long)])
+    targets_p = torch.cat([targets, torch.randint(0, V, (pad,), generator=g)])
+    w_p = torch.cat([w, torch.zeros(pad)])
+    a = hs.clone().requires_grad_()
+    loss = weighted_ce_at(a, W, rows_p, targets_p, w_p, chunk_size=3)
+    loss.backward()
+    b = hs.detach().clone().requires_grad_()
+    ref = (F.cross_entropy(b[rows] @ W.T, targets, reduction="none") * w).sum()
+    ref.backward()
+    assert rel_err(loss.detach(), ref.detach()) <= 1e-5
+    assert rel_err(a.grad, b.grad) <= 1e-5
+    untouched = torch.ones(N, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.all(a.grad[untouched] == 0)
+    with pytest.raises(ValueError, match="one length"):
+        weighted_ce_at(hs, W, rows, targets[:-1], w)
 
 
 def test_token_logprobs():

@@ -10,7 +10,7 @@ from model.config import ModelConfig
 from model.decoder import Transformer
 from model.lora import LoraConfig, add_lora, lora_parameters
 from train.losses import completion_ce_loss
-from train.sft import SFTConfig, collate, sft, sft_plan, truncate_example, warmup_cosine
+from train.sft import SFTConfig, pack, sft, sft_plan, truncate_example, warmup_cosine
 
 PROMPT = [1, 10, 11, 12, 13]
 COMPLETION = [20, 33, 41, 20, 55, 7, 2]  # 20 twice, in different contexts; 2 = end of turn
@@ -81,6 +81,20 @@ def test_early_stop_matches_the_unstopped_trajectory():
                                  for s in range(first + 1)], rel=1e-12)
 
 
+def collate(rows):
+    """Right-padded (input_ids, attention_mask, labels) with -100 on the prompt and padding: the usual
+    Hugging Face form, the reference that `pack`'s flat learned positions must agree with."""
+    seqs = [(p + c)[:-1] for p, c in rows]
+    T = max(len(q) for q in seqs)
+    ids = torch.zeros((len(rows), T), dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for b, ((p, c), q) in enumerate(zip(rows, seqs)):
+        ids[b, : len(q)], mask[b, : len(q)] = torch.tensor(q), 1
+        labels[b, len(p) - 1: len(p) - 1 + len(c)] = torch.tensor(c)
+    return ids, mask, labels
+
+
 def plain_loop(model, examples, params, cfg: SFTConfig):
     """The SFT loop written the obvious way (each step: forward, backward, clip, AdamW, read the loss,
     maybe stop), the reference for `sft`, which reads each loss one step late."""
@@ -94,7 +108,7 @@ def plain_loop(model, examples, params, cfg: SFTConfig):
         for _ in range(cfg.epochs):
             order = torch.randperm(len(examples), generator=gen).tolist()
             for b0 in range(0, len(order), cfg.batch_size):
-                ids, _, labels = collate([examples[i] for i in order[b0:b0 + cfg.batch_size]], "cpu")
+                ids, _, labels = collate([examples[i] for i in order[b0:b0 + cfg.batch_size]])
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * warmup_cosine(step, total, warmup)
                 h = model.hidden(ids)
@@ -105,8 +119,8 @@ def plain_loop(model, examples, params, cfg: SFTConfig):
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 losses.append(float(loss.detach()))
-                below = below + 1 if losses[-1] < cfg.stop_loss else 0
-                if below >= cfg.stop_consecutive:
+                below = below + 1 if cfg.stop_loss is not None and losses[-1] < cfg.stop_loss else 0
+                if cfg.stop_loss is not None and below >= cfg.stop_consecutive:
                     model.eval()
                     return losses
     model.eval()
@@ -123,6 +137,22 @@ def test_equals_the_plain_loop_up_to_the_early_stop():
     out = sft(model2, examples, params2, cfg)
     assert out["stopped_early"] and out["losses"] == want
     assert all(torch.equal(a, b) for a, b in zip(params2, params))
+
+
+def test_fixed_shape_batches_equal_the_plain_loop():
+    """The padding the CUDA-graph step runs (every batch at the longest row, the full batch size and the
+    most learned tokens of any batch; here a 10-example set whose last batch is short), without the
+    graph: the same losses and adapter as the plain loop, up to float rounding of other matmul shapes."""
+    examples = [(PROMPT[: 1 + i % 5], COMPLETION[: 2 + i % 6]) for i in range(10)]
+    cfg = SFTConfig(lr=2e-2, epochs=6, batch_size=4, max_grad_norm=1.0, stop_loss=None)
+    model, params = lora_model(dropout=0.0)
+    want = plain_loop(model, examples, params, cfg)
+    model2, params2 = lora_model(dropout=0.0)
+    out = sft(model2, examples, params2, cfg, fixed_shapes=True)
+    assert out["losses"] == pytest.approx(want, rel=1e-4, abs=1e-5) and out["cuda_graph"] is False
+    assert len(want) == 18 and want[-1] < want[0] - 1.0  # it trained
+    for a, b in zip(params2, params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 
@@ -167,16 +197,27 @@ def test_truncated_examples_are_counted():
     assert out["truncated"] == 1 and out["steps"] == 1
 
 
-def test_collate_labels_only_the_completion():
-    ids, mask, labels = collate([([5, 6, 7], [8, 9]), ([4], [3])], "cpu")
-    assert ids.tolist() == [[5, 6, 7, 8], [4, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
-    assert labels.tolist() == [[-100, -100, 8, 9], [3, -100, -100, -100]]
+def test_pack_learns_only_the_completion():
+    b = pack([([5, 6, 7], [8, 9]), ([4], [3])])
+    assert b.ids.tolist() == [[5, 6, 7, 8], [4, 0, 0, 0]]
+    # position 2 (token 7) predicts 8, 3 predicts 9; row 1's position 0 (4) predicts 3 -> flat 4 + 0
+    assert b.rows.tolist() == [2, 3, 4] and b.targets.tolist() == [8, 9, 3] and b.tokens == 3
+    assert b.weight.tolist() == pytest.approx([1 / 3] * 3)
+    f = pack([([5, 6, 7], [8, 9]), ([4], [3])], shape=(3, 6, 5))  # fixed shape: padded everywhere
+    assert f.ids.tolist() == [[5, 6, 7, 8, 0, 0], [4, 0, 0, 0, 0, 0], [0] * 6]
+    assert f.rows.tolist() == [2, 3, 6, 0, 0] and f.targets.tolist() == [8, 9, 3, 0, 0]
+    assert f.weight.tolist() == pytest.approx([1 / 3] * 3 + [0, 0])
+    ids, _, labels = collate([([5, 6, 7], [8, 9]), ([4], [3])])  # the same positions as -100 labels
+    flat = labels.reshape(-1)
+    assert (flat != -100).nonzero().squeeze(1).tolist() == b.rows.tolist()
+    assert flat[b.rows].tolist() == b.targets.tolist()
+    with pytest.raises(ValueError, match="fixed shape"):
+        pack([([5, 6, 7], [8, 9])], shape=(1, 3, 2))
 
 
 def test_right_padding_needs_no_mask():
     model = tiny_model()
-    ids, mask, _ = collate([([1, 2, 3, 4, 5, 6], [7, 8]), ([1, 2], [3]), ([9, 9, 9], [4, 5, 6])], "cpu")
+    ids, mask, _ = collate([([1, 2, 3, 4, 5, 6], [7, 8]), ([1, 2], [3]), ([9, 9, 9], [4, 5, 6])])
     with torch.no_grad():
         masked = model.hidden(ids, mask)
         plain = model.hidden(ids)

@@ -225,7 +225,8 @@ def completion_ce_loss(
 
     Equals F.cross_entropy(hidden @ W.T, labels, ignore_index=ignore_index) (fp32 logits) without
     holding [N, V]; returns 0 (not NaN) when every label is ignored. Gradient to hidden only, exact;
-    lm_head_weight gets none (frozen in LoRA training).
+    lm_head_weight gets none (frozen in LoRA training). Checks the labels on the host (a GPU sync):
+    a training loop that knows its label positions calls `weighted_ce_at` instead.
     """
     _check_2d("lm_head_weight", lm_head_weight)
     vocab, hidden_size = lm_head_weight.shape
@@ -237,25 +238,47 @@ def completion_ce_loss(
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"labels[{i}] = {int(labels[i])} is outside [0, {vocab}) and not ignore_index")
-    chunk = chunk_size or default_chunk_size(vocab, hidden.device)
-    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    rows = keep.nonzero().squeeze(1)
+    weight = torch.full(rows.shape, 1.0 / max(rows.numel(), 1), dtype=torch.float32, device=hidden.device)
+    return weighted_ce_at(hidden, lm_head_weight, rows, labels[rows], weight, chunk_size=chunk_size)
 
+
+def weighted_ce_at(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """sum_i weight[i] * CE(hidden[rows[i]] @ W^T, targets[i]), chunked over i, gradient to hidden only.
+
+    With weight = 1/count on the completion positions this is `completion_ce_loss`. Nothing here depends
+    on the values of its inputs, so a fixed-size `rows` (padded with weight-0 entries, which add nothing
+    to the loss or the gradient) gives fixed shapes and no host sync: what a CUDA graph needs. Targets
+    must lie in [0, V) and `rows` be distinct where weight != 0; neither is checked here (that would sync).
+    """
+    _check_2d("lm_head_weight", lm_head_weight)
+    _check_2d("hidden", hidden, lm_head_weight.shape[1])
+    if rows.dim() != 1 or targets.shape != rows.shape or weight.shape != rows.shape:
+        raise ValueError(f"rows, targets, weight must be 1-D of one length, got {tuple(rows.shape)}, "
+                         f"{tuple(targets.shape)}, {tuple(weight.shape)}")
+    chunk = chunk_size or default_chunk_size(lm_head_weight.shape[0], hidden.device)
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        rows = keep.nonzero().squeeze(1)
-        count = max(rows.numel(), 1)
-        weight = _matmul_operand(lm_head_weight.detach())
+        W = _matmul_operand(lm_head_weight.detach())
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if need_grad else None
         for start in range(0, rows.numel(), chunk):
-            r = rows[start:start + chunk]
-            y = labels[r].unsqueeze(-1)
-            logp = _logits(hidden.detach()[r], weight, 1.0).log_softmax(-1)
-            total -= logp.gather(-1, y).sum()
+            r, y = rows[start:start + chunk], targets[start:start + chunk].unsqueeze(-1)
+            w = weight[start:start + chunk].float().unsqueeze(-1)
+            logp = _logits(hidden.detach()[r], W, 1.0).log_softmax(-1)
+            total -= (logp.gather(-1, y) * w).sum()
             if need_grad:
-                g = logp.exp_().scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=logp.dtype))
-                grad[r] = _mm_fp32(g.to(weight.dtype), weight).div_(count).to(grad.dtype)
+                g = logp.exp_().scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=logp.dtype)).mul_(w)
+                grad.index_add_(0, r, _mm_fp32(g.to(W.dtype), W).to(grad.dtype))
             del logp
-        total /= count
     if not need_grad:
         return total
     return _AttachGrad.apply(hidden, total, grad)

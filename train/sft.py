@@ -8,14 +8,16 @@ step's loss one step late, so it never waits for the GPU to drain (see `sft`).
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from train.losses import completion_ce_loss
+from train.losses import weighted_ce_at
 
 
 @dataclass
@@ -31,6 +33,7 @@ class SFTConfig:
     max_length: int = 1024  # prompt + completion tokens per example (see truncate_example)
     grad_checkpointing: bool = False
     seed: int = 3407  # data order and LoRA dropout masks
+    cuda_graphs: bool = True  # replay each step as one CUDA graph (see use_cuda_graphs, GraphedStep)
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -61,26 +64,46 @@ def truncate_example(prompt: list[int], completion: list[int], max_length: int) 
     return prompt[-1:], completion[: max_length - 1]
 
 
-def collate(rows: list[tuple[list[int], list[int]]], device, pad_id: int = 0,
-            ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, labels) for next-token prediction over [prompt ; completion].
+@dataclass
+class Batch:
+    """One step's inputs on the host. ids: right-padded [B, T] rows of prompt + completion without its
+    last token; rows: flat positions (b * T + t) whose next token is learned, in row-major order,
+    targets: those tokens, weight: 1 / (completion tokens in the batch). Fixed-shape batches pad ids with
+    pad_id, and rows/targets/weight with weight-0 entries at position 0."""
+    ids: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    weight: torch.Tensor
+    tokens: int
 
-    labels[b, t] is the token that position t predicts: the completion tokens at their positions,
-    ignore_index on the prompt and the padding. The last completion token is never an input, so a
-    row holds len(prompt) + len(completion) - 1 tokens.
-    """
+    def to(self, device) -> tuple[torch.Tensor, ...]:
+        ts = (self.ids, self.rows, self.targets, self.weight)
+        if torch.device(device).type == "cuda":  # pinned: the copies queue behind the GPU's work, the host goes on
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in ts)
+        return tuple(t.to(device) for t in ts)
+
+
+def pack(rows: list[tuple[list[int], list[int]]], shape: tuple[int, int, int] | None = None,
+         pad_id: int = 0) -> Batch:
+    """The Batch of (prompt, completion) rows; shape = (B, T, R) pads it to B rows, T positions and R
+    learned positions (for a CUDA graph), else it is as small as the rows allow."""
     seqs = [(p + c)[:-1] for p, c in rows]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    labels = torch.full((len(rows), T), ignore_index, dtype=torch.long)
-    for b, ((p, c), s) in enumerate(zip(rows, seqs)):
-        ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-        labels[b, len(p) - 1: len(p) - 1 + len(c)] = torch.tensor(c)
-    if torch.device(device).type == "cuda":  # pinned: the copies queue behind the GPU's work, the host goes on
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (ids, mask, labels))
-    return ids.to(device), mask.to(device), labels.to(device)
+    n_learn = sum(len(c) for _, c in rows)
+    B, T, R = shape or (len(rows), max(len(q) for q in seqs), n_learn)
+    if len(rows) > B or max(len(q) for q in seqs) > T or n_learn > R:
+        raise ValueError(f"pack: {len(rows)} rows, {max(len(q) for q in seqs)} positions, {n_learn} learned "
+                         f"tokens do not fit the fixed shape {(B, T, R)}")
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos, tgt = [], []
+    for b, ((p, c), q) in enumerate(zip(rows, seqs)):
+        ids[b, : len(q)] = torch.tensor(q)
+        pos.extend(range(b * T + len(p) - 1, b * T + len(p) - 1 + len(c)))
+        tgt.extend(c)
+    pad = R - n_learn
+    weight = torch.zeros(R, dtype=torch.float32)
+    weight[:n_learn] = 1.0 / n_learn
+    return Batch(ids, torch.tensor(pos + [0] * pad, dtype=torch.long), torch.tensor(tgt + [0] * pad, dtype=torch.long),
+                 weight, n_learn)
 
 
 def right_padded_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -89,6 +112,42 @@ def right_padded_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tens
     so real positions come out the same as with the mask, while the plain-causal path lets SDPA use
     its fused (flash) kernels. Padding positions carry garbage and must be ignored by the caller."""
     return model.hidden(input_ids)
+
+
+def use_cuda_graphs(device: torch.device, cfg: "SFTConfig") -> bool:
+    """Graph replay for the step: on CUDA, without activation checkpointing (large models, whose steps are
+    long kernels anyway), unless CODE_EDIT_CUDA_GRAPHS=0."""
+    return (device.type == "cuda" and cfg.cuda_graphs and not cfg.grad_checkpointing
+            and os.environ.get("CODE_EDIT_CUDA_GRAPHS", "1") != "0")
+
+
+class GraphedStep:
+    """A step function (fixed-shape inputs -> outputs, gradients as a side effect) captured once in a CUDA
+    graph and then replayed: a 135M model's step is ~1,000 small kernels whose launches cost more than
+    their work. Inputs are copied into static buffers; outputs and the parameters' .grad tensors are
+    static too, each replay overwriting them (the gradients are assigned, not accumulated: they were
+    None at capture). Warm-up runs on a side stream first (compilation, cuBLAS workspaces), as the
+    PyTorch CUDA-graphs notes prescribe; it touches gradients only, which are cleared before capture."""
+
+    def __init__(self, fn: Callable, example: tuple[torch.Tensor, ...], params: list[nn.Parameter], warmup: int = 2):
+        self.inputs = tuple(t.clone() for t in example)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*self.inputs)
+                for p in params:
+                    p.grad = None
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for dst, src in zip(self.inputs, inputs):
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
 
 
 class _StepStats:
@@ -133,14 +192,19 @@ def _check(examples, params, cfg: SFTConfig, vocab: int) -> None:
 
 
 def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: list[nn.Parameter],
-        cfg: SFTConfig, *, log: Callable[[dict], None] | None = None) -> dict:
+        cfg: SFTConfig, *, log: Callable[[dict], None] | None = None, fixed_shapes: bool | None = None) -> dict:
     """Train `params` on (prompt_ids, completion_ids) pairs; the completion carries its own end-of-turn
-    token. Returns {"steps", "final_loss", "stopped_early", "losses", "total_steps", "truncated", "seconds"}.
+    token. Returns {"steps", "final_loss", "stopped_early", "losses", "total_steps", "truncated", "seconds",
+    "cuda_graph"}.
 
     Precision: the model runs in its own dtype, without autocast. On a bf16 base every matmul is bf16
     already, LoRA casts its fp32 master weights to the activation dtype itself (the rounding autocast
     would apply), RMSNorm/RoPE and the loss compute in fp32 explicitly, and the gradients land on the
     fp32 masters; autocast would add only its cast cache. An fp32 model stays fp32 (tests, CPU).
+
+    With CUDA graphs (use_cuda_graphs) every batch is padded to one shape: the longest row of the data,
+    the batch size, and the most learned tokens of any planned batch; padding adds nothing to the loss.
+    `fixed_shapes` (default: exactly when graphs are used) runs that padding without a graph, to check it.
     """
     device = model.lm_head.weight.device
     _check(examples, params, cfg, model.config.vocab_size)
@@ -154,6 +218,15 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)
+    plan = []  # (epoch, rows of the batch) for every planned step; drawn up front, same order as epoch by epoch
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        plan += [(epoch, [rows[i] for i in order[b0:b0 + cfg.batch_size]]) for b0 in range(0, len(order), cfg.batch_size)]
+    graphs = use_cuda_graphs(device, cfg)
+    shape = None
+    if graphs if fixed_shapes is None else fixed_shapes:
+        T = max(len(p) + len(c) - 1 for p, c in rows)
+        shape = (min(cfg.batch_size, len(rows)), T + (-T) % 8, max(sum(len(c) for _, c in b) for _, b in plan))
     W = model.lm_head.weight
     losses: list[float] = []
     below = 0
@@ -165,11 +238,12 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
         model.compile_blocks()
     model.train()
 
-    def batches():
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(rows), generator=gen).tolist()
-            for b0 in range(0, len(order), cfg.batch_size):
-                yield epoch, [rows[i] for i in order[b0:b0 + cfg.batch_size]]
+    def step_fn(ids, pos, targets, weight):
+        """Forward, backward and clipping of one batch; no host sync, so it can be captured."""
+        h = right_padded_hidden(model, ids)
+        loss = weighted_ce_at(h.reshape(-1, h.shape[-1]), W, pos, targets, weight)
+        loss.backward()
+        return loss.detach(), torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=device.type == "cuda")
 
     def finish(pending: tuple) -> bool:
         """Record a finished step; whether it stops the run."""
@@ -189,14 +263,19 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     # Dropout masks come from the global RNG: fork it so a seed gives one run, and the caller's state stays.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
+        run, graphed = step_fn, False
         try:
+            if graphs:
+                try:
+                    run, graphed = GraphedStep(step_fn, pack(plan[0][1], shape).to(device), params), True
+                except Exception as e:  # a kernel that cannot be captured: the same steps, launched one by one
+                    warnings.warn(f"sft: CUDA graph capture failed ({type(e).__name__}: {e}); running uncaptured")
+                    for p in params:
+                        p.grad = None
             pending = None
-            for step, (epoch, batch) in enumerate(batches()):
-                ids, _, labels = collate(batch, device)
-                h = right_padded_hidden(model, ids)
-                loss = completion_ce_loss(h.reshape(-1, h.shape[-1]), W, labels.reshape(-1))
-                loss.backward()
-                del h
+            for step, (epoch, batch) in enumerate(plan):
+                b = pack(batch, shape)
+                loss, gnorm = run(*b.to(device))
                 if pending is not None and finish(pending):
                     opt.zero_grad(set_to_none=True)
                     stopped, pending = True, None
@@ -204,15 +283,18 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
                 lr = cfg.lr * warmup_cosine(step, total, warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                stats = _StepStats(loss.detach(), gnorm)
+                stats = _StepStats(loss, gnorm)
                 opt.step()
-                opt.zero_grad(set_to_none=True)
-                pending = (step + 1, epoch, lr, sum(len(c) for _, c in batch), stats)
+                if not graphed:  # a graph's gradients are static buffers that each replay overwrites
+                    opt.zero_grad(set_to_none=True)
+                pending = (step + 1, epoch, lr, b.tokens, stats)
             if pending is not None:
                 stopped = finish(pending)
         finally:
             model.gradient_checkpointing = ckpt_before
             model.eval()
+            for p in params:  # frees a graph's gradient buffers with the graph
+                p.grad = None
+            del run
     return {"steps": len(losses), "final_loss": losses[-1], "stopped_early": stopped, "losses": losses,
-            "total_steps": total, "truncated": truncated, "seconds": time.perf_counter() - t0}
+            "total_steps": total, "truncated": truncated, "seconds": time.perf_counter() - t0, "cuda_graph": graphed}
