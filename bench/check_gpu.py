@@ -28,8 +28,8 @@ def main():
     prompts = [torch.randint(10, 4000, (n,), generator=g).tolist() for n in (7, 40, 23, 64, 5)]
     ok = True
     results = {}
-    for mode, env in {"eager": ("0", "0"), "graphs": ("0", "1"), "compiled+graphs": ("1", "1")}.items():
-        os.environ["CODE_EDIT_COMPILE"], os.environ["CODE_EDIT_CUDA_GRAPHS"] = env
+    for mode, env in {"eager": ("0", "0", "0"), "graphs": ("0", "1", "0"), "compiled+graphs": ("1", "1", "1")}.items():
+        os.environ["CODE_EDIT_COMPILE"], os.environ["CODE_EDIT_CUDA_GRAPHS"], os.environ["CODE_EDIT_COMPILE_DECODE"] = env
         greedy = run(model, prompts, temperature=0)
         sampled = run(model, prompts, temperature=1.0, top_p=0.9, num_samples=3, seed=3)
         shared = run(model, prompts[:3], temperature=0, num_samples=4)  # 3 prompts x 4 rows: shared prefix

@@ -175,9 +175,12 @@ class _Decoder:
         self.state = _state_key(model) if self.cuda else None
         self.eng = _engine(model) if self.cuda else None
         self.fwd = _decode_forward
-        if self.cuda and _use_compile():
+        if self.cuda and _use_compile() and os.environ.get("CODE_EDIT_COMPILE_DECODE", "0") == "1":
+            # Opt-in: the whole 30-layer step compiles in ~60 s on an H200, and it recompiles on every new
+            # structure (batch bucket, window, prefix or not, cache strides of a new allocation): the
+            # stalls outweighed the faster step in a real bootstrap (BENCHMARKS "SmolLM2"). The replayed
+            # graph of eager kernels needs no compilation.
             if self.eng.compiled is None:
-                # LoRA on/off and batch buckets each add a compiled variant; allow more than the default 8.
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 self.eng.compiled = torch.compile(_decode_forward, fullgraph=False, dynamic=None)
             self.fwd = self.eng.compiled
