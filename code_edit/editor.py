@@ -291,10 +291,11 @@ def _has_lora(model: Any) -> bool:
 
 
 def _every(n: int, what: str):
-    """A training-log callback that writes every n-th step to the run log."""
+    """A training-log callback that writes every n-th step to the run log (floats to 4 significant digits:
+    a learning rate of 3e-5 must not print as 0.0)."""
     def log_step(d: dict) -> None:
         if d.get("step", 0) % n == 0:
-            log.info("%s %s", what, {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()})
+            log.info("%s %s", what, {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in d.items()})
     return log_step
 
 

@@ -160,3 +160,14 @@ def test_batch_units_follow_method_3_7():
     single = plan_units(cases, 0)
     assert [u.key for u in single] == ["case-1", "case-2", "case-3", "case-4"]
     assert [len(u.requests) for u in single] == [1, 1, 2, 1]  # all rewrites of a case edited jointly
+
+
+def test_training_log_keeps_small_learning_rates(caplog):
+    from code_edit.editor import _every
+    with caplog.at_level("INFO", logger="code_edit.editor"):
+        cb = _every(10, "sft")
+        cb({"step": 10, "lr": 3e-5, "loss": 1.234567})
+        cb({"step": 11, "lr": 1.0})  # not a multiple of 10: not logged
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "'lr': 3e-05" in msg and "'loss': 1.235" in msg
