@@ -228,15 +228,23 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
         self._compiled_blocks: list | None = None  # see compile_blocks; a plain list keeps state_dict names
+        self._compiled_decode = False  # cached forwards through the compiled blocks too
 
-    def compile_blocks(self, backend: str = "inductor") -> bool:
-        """Compile the decoder block for cache-free forwards (training, teacher scoring). Every layer runs
-        the same code, so one compiled graph (per grad mode / LoRA state / shape family) serves all of
-        them ("regional" compilation: seconds to compile, not minutes). On a small model this turns a
-        CPU-bound step of ~60 eager launches per layer into a few fused kernels. Returns whether it is
-        on; CODE_EDIT_COMPILE=0 keeps everything eager. Generation keeps its own compiled decode step."""
+    def compile_blocks(self, backend: str = "inductor", decode: bool = False) -> bool:
+        """Compile the decoder block for cache-free forwards (training, teacher scoring), and with
+        `decode` for cached decode steps too (generate asks for that under CODE_EDIT_COMPILE_DECODE=1).
+        Every layer runs the same code, so one compiled graph (per grad mode / LoRA state / cache form)
+        serves all of them ("regional" compilation: seconds to compile, not the minute a whole 30-layer
+        step takes). On a small model this turns ~60 eager kernels per layer into a few fused ones.
+        Returns whether it is on; CODE_EDIT_COMPILE=0 keeps everything eager."""
         if os.environ.get("CODE_EDIT_COMPILE", "1") == "0" or self.gradient_checkpointing:
             return False
+        self._compiled_decode |= decode
+        if decode:
+            # Batch bucket and attention window are often equal (both 256, 512, ...); duck sizing would
+            # then tie them into one symbol and compile again when they part.
+            import torch.fx.experimental._config as fx_config
+            fx_config.use_duck_shape = False
         if self._compiled_blocks is None:
             import torch._dynamo
             # grad on/off, LoRA on/off and dropout on/off each add a variant. Shapes are symbolic from the
@@ -291,8 +299,8 @@ class Transformer(nn.Module):
             kv = None if cache is None else cache.layer(i)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv, write_idx, use_reentrant=False)
-            elif self._compiled_blocks is not None and cache is None:
-                x = self._compiled_blocks[i](x, cos, sin, mask)
+            elif self._compiled_blocks is not None and (cache is None or self._compiled_decode and x.shape[1] == 1):
+                x = self._compiled_blocks[i](x, cos, sin, mask, kv, write_idx)
             else:
                 x = layer(x, cos, sin, mask, kv, write_idx)
         return self.model.norm(x)

@@ -135,7 +135,6 @@ class _Engine:
     prefix: KVCache | None = None  # [n_kv, L, D] per layer (batch dimension unused)
     graphs: dict = field(default_factory=dict)
     pool: object = None
-    compiled: object = None
 
     def release(self):
         self.cache, self.prefix, self.graphs, self.pool = None, None, {}, None
@@ -176,14 +175,10 @@ class _Decoder:
         self.eng = _engine(model) if self.cuda else None
         self.fwd = _decode_forward
         if self.cuda and _use_compile() and os.environ.get("CODE_EDIT_COMPILE_DECODE", "0") == "1":
-            # Opt-in: the whole 30-layer step compiles in ~60 s on an H200, and it recompiles on every new
-            # structure (batch bucket, window, prefix or not, cache strides of a new allocation): the
-            # stalls outweighed the faster step in a real bootstrap (BENCHMARKS "SmolLM2"). The replayed
-            # graph of eager kernels needs no compilation.
-            if self.eng.compiled is None:
-                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                self.eng.compiled = torch.compile(_decode_forward, fullgraph=False, dynamic=None)
-            self.fwd = self.eng.compiled
+            # Opt-in, and regional: the whole 30-layer step compiled in ~60 s on an H200 and recompiled on
+            # every new batch bucket, window and cache layout, which stalled a real bootstrap (BENCHMARKS
+            # "SmolLM2"). One compiled block with symbolic shapes serves every layer and size.
+            model.compile_blocks(decode=True)
 
     def view(self, B: int, W: int) -> KVCache:
         """The first B rows, attending over W mask slots: the shared prefix (if any), then own slots."""

@@ -58,3 +58,33 @@ def test_compile_blocks_respects_switches(monkeypatch):
     monkeypatch.delenv("CODE_EDIT_COMPILE")
     m.gradient_checkpointing = True  # checkpointed layers stay eager (recompute inside a compiled graph)
     assert not m.compile_blocks() and m._compiled_blocks is None
+
+
+def test_compiled_decode_blocks_match_eager_without_recompiling(monkeypatch):
+    """compile_blocks(decode=True): cached decode steps (per-row caches and the shared prompt prefix,
+    LoRA on) through the compiled block give the eager tokens, and calls of other batch sizes, prompt
+    lengths and windows reuse the compiled graphs instead of compiling new ones."""
+    from torch._dynamo.utils import counters
+    monkeypatch.delenv("CODE_EDIT_COMPILE", raising=False)
+    torch._dynamo.reset()
+    eager, comp = _model(), _model()
+    assert comp.compile_blocks(decode=True)
+    base = counters["stats"]["unique_graphs"]  # a global tally: other tests' graphs count too
+    g = torch.Generator().manual_seed(0)
+
+    def calls(lens, samples):
+        prompts = [torch.randint(1, eager.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+        for m in (comp, eager):
+            out = generate(m, prompts, max_new_tokens=9, temperature=0.0, num_samples=samples, stop_ids=[])
+            yield [c.tokens for c in out]
+
+    # per-row caches, the shared prefix, and one row (size 1 is always its own graph): then all forms exist
+    warmup = [((5, 9), 1), ((4, 7, 3), 2), ((6,), 1)]
+    later = [((8, 3, 5, 2, 7), 1), ((10, 4), 4), ((3,), 3), ((12, 2, 6), 1)]
+    for i, (lens, samples) in enumerate(warmup + later):
+        a, b = calls(lens, samples)
+        assert a == b, (lens, samples)
+        if i == len(warmup) - 1:
+            warm = counters["stats"]["unique_graphs"]
+    assert 2 <= warm - base <= 3  # one graph per form
+    assert counters["stats"]["unique_graphs"] == warm  # new batch sizes and lengths compiled nothing new
