@@ -88,7 +88,8 @@ def local_judge(source: str, *, small: bool) -> Iterator[list[str]]:
         if " at http" not in line:
             raise RuntimeError(f"`{' '.join(cmd)}` did not start (exit code {proc.wait()})")
         url = line.split(" at ", 1)[1].split()[0]
-        yield ["--base-url", url, "--judge-model", source, "--max-workers", "4"]
+        # Many requests in flight let the server batch them (up to 64 per generate call): one GPU, many rows.
+        yield ["--base-url", url, "--judge-model", source, "--max-workers", "32"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
