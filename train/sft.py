@@ -7,10 +7,10 @@ step's loss one step late, so it never waits for the GPU to drain (see `sft`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from train.losses import weighted_ce_at
+
+log_ = logging.getLogger(__name__)  # `log` is sft's per-step callback argument
 
 
 @dataclass
@@ -269,7 +271,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
                 try:
                     run, graphed = GraphedStep(step_fn, pack(plan[0][1], shape).to(device), params), True
                 except Exception as e:  # a kernel that cannot be captured: the same steps, launched one by one
-                    warnings.warn(f"sft: CUDA graph capture failed ({type(e).__name__}: {e}); running uncaptured")
+                    log_.warning("sft: CUDA graph capture failed (%s: %s); running uncaptured", type(e).__name__, e)
                     for p in params:
                         p.grad = None
             pending = None
