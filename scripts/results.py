@@ -162,7 +162,26 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
     lines += timing
     if small:
         lines += ["", "Smoke run (--small): a random tiny model and a random judge; the numbers mean nothing."]
+    else:
+        lines += ["", *SCALE_NOTE]
     return "\n".join(lines) + "\n"
+
+
+# What a 135M model run can and cannot tell (issue P7 asks RESULTS.md to say it).
+SCALE_NOTE = [
+    "## What a 135M model can and cannot show",
+    "",
+    "Can: that every stage runs end to end on real weights with the paper's hyperparameters, what each stage "
+    "costs in time and memory, and how the methods compare on this one model: InContext (the article in the "
+    "prompt, the teacher's ceiling) against PreEdited (no edit), and the trained editors between or below them.",
+    "",
+    "Cannot: the paper's accuracy levels, which come from 7-8B models. A 135M model is a weak reasoner: its "
+    "open-book thoughts (the SFT targets) are only as good as it writes them, and multi-hop questions need "
+    "it to chain facts it may not hold, so low M-Acc for every method says little about the method. With 20 "
+    "cases one case moves M-Acc by 5 points. The local judge is the same 135M model: it is a weak judge, and where the two disagree the "
+    "rule-based columns are the safer reading. SRR counts only rewrites whose answer stated the new fact, "
+    "which may be few here.",
+]
 
 
 if __name__ == "__main__":

@@ -29,3 +29,14 @@ def test_results_small(tmp_path, capsys):
     t_row = [line for line in text.splitlines() if line.startswith("| PreEdited |")][1]
     eval_s = sum(r["stages"]["eval"]["seconds"] for r in records) / len(records)
     assert [c.strip() for c in t_row.strip("|").split("|")][4] == f"{eval_s:.1f}"
+
+
+def test_full_report_says_what_the_small_model_can_show():
+    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.report({}, model_type="smollm2-135m-instruct", judge_model="smollm2-135m-instruct", small=False,
+                      argv=[])
+    assert "## What a 135M model can and cannot show" in text and "Smoke run" not in text
+    small = mod.report({}, model_type="tiny", judge_model="tiny-random", small=True, argv=["--small"])
+    assert "Smoke run" in small and "can and cannot show" not in small
