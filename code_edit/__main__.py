@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max_cases", type=int, default=200, help="cases to run (default 200; <= 0: all; ignored "
                                                                 "with --batch_edit)")
     ap.add_argument("--hop", type=int, default=None, help="keep only cases with this many hops")
+    ap.add_argument("--articles_only", action="store_true", help="keep only cases with a causal article for every "
+                    "rewrite, whatever the method (CausalEdit and InContext always do): compare methods on one set")
     ap.add_argument("--shuffle_seed", type=int, default=70)
     ap.add_argument("--exp_tag", default="", help="output tag (default: T{teacher_use_sft}_S{student_use_sft} for "
                                                   "CausalEdit, 'default' otherwise)")

@@ -39,20 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def write_cases(root: Path) -> Path:
-    """The MQuAKE-hard cases that have an article on every rewrite, articles attached, as one file:
-    both methods read it, so PreEdited (which needs no article) evaluates the same cases as CausalEdit."""
-    from code_edit.data import case_has_articles, load_dataset
-    from eval.files import atomic_write_json
-
-    cases = [c for c in load_dataset(DATATYPE) if case_has_articles(c)]
-    path = root / "data" / f"{DATATYPE}_with_articles.json"
-    atomic_write_json(path, cases)
-    return path
-
-
-def run_argv(method: str, a: argparse.Namespace, data_file: Path, root: Path) -> list[str]:
-    argv = ["--editing_method", method, "--datatype", DATATYPE, "--data_path", str(data_file),
+def run_argv(method: str, a: argparse.Namespace, root: Path) -> list[str]:
+    # --articles_only: PreEdited (which needs no article) evaluates the same cases as CausalEdit.
+    argv = ["--editing_method", method, "--datatype", DATATYPE, "--articles_only",
             "--model_type", a.preset, "--max_cases", str(a.cases), "--output_root", str(root / "experiments"),
             "--cache_dir", str(root / "bootstrap_cache" / a.preset), "--run_id", RUN_ID]
     return argv + (["--device", a.device] if a.device else [])
@@ -85,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.fresh:
         forget_earlier(root, a.preset)
     t_start = time.perf_counter()
-    data_file = write_cases(root)
     runs: dict[str, dict] = {}
     for method in METHODS:
         print(f"\n=== {method} ({'before' if method == 'PreEdited' else 'after'} the edit), preset {a.preset} ===",
@@ -93,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         reused = finished_before(root, a.preset, method, a.cases)
         t0 = time.perf_counter()
         try:
-            run_dir = execute(build_parser().parse_args(run_argv(method, a, data_file, root)))
+            run_dir = execute(build_parser().parse_args(run_argv(method, a, root)))
         except RunError as e:
             print(f"error: {e}\n(rerun with --fresh to start the demo over)", file=sys.stderr)
             return 2

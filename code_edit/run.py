@@ -39,7 +39,8 @@ log = logging.getLogger("code_edit")
 
 # Arguments that change what a run computes: a run directory is resumed only when they all agree.
 IDENTITY_KEYS = ("editing_method", "datatype", "model_type", "hparams_path", "max_cases", "hop", "shuffle_seed",
-                 "exp_tag", "batch_edit", "skip_cases", "data_path", "model_path")
+                 "exp_tag", "batch_edit", "skip_cases", "data_path", "model_path", "articles_only")
+IDENTITY_DEFAULTS = {"articles_only": False}  # keys added later: a run folder written before has the default
 
 
 class RunError(RuntimeError):
@@ -81,7 +82,7 @@ def run_dir_prefix(n_cases: int, batch_edit: int, seed: int) -> str:
 
 
 def _identity(run_args: dict) -> dict:
-    return {k: run_args.get(k) for k in IDENTITY_KEYS}
+    return {k: run_args.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -300,16 +301,18 @@ def prepare(args: Any) -> Prepared:
                                if method == "CausalEdit" else "default")
     cases = load_dataset(args.datatype, data_path=args.data_path)
     info = {"name": args.datatype, "data_path": args.data_path, "cases_loaded": len(cases)}
-    if needs_articles(method, cfg):
+    only_articles = needs_articles(method, cfg) or getattr(args, "articles_only", False)
+    if only_articles:
+        why = "reads the causal articles" if needs_articles(method, cfg) else "runs with --articles_only"
         kept = [c for c in cases if case_has_articles(c)]
         if len(kept) < len(cases):
-            log.warning("%s: %s reads the causal articles; kept %d of %d cases that have one for every rewrite",
-                        args.datatype, method, len(kept), len(cases))
+            log.warning("%s: %s %s; kept %d of %d cases that have one for every rewrite",
+                        args.datatype, method, why, len(kept), len(cases))
         if not kept:
-            raise RunError(f"{args.datatype}: no case has an article for every rewrite; {method} needs them "
+            raise RunError(f"{args.datatype}: no case has an article for every rewrite; {method} {why} "
                            "(generate them with python -m scaffold)")
         cases = kept
-    info["cases_with_articles_kept"] = len(cases) if needs_articles(method, cfg) else None
+    info["cases_with_articles_kept"] = len(cases) if only_articles else None
     ordered = order_cases(cases, seed=args.shuffle_seed, hop=args.hop, max_cases=args.max_cases,
                           skip_cases=args.skip_cases, batch_mode=args.batch_edit > 0)
     if not ordered:

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, tuple[Path, list[str]]] = {}
     for method in a.methods:
         argv_run = ["--editing_method", method, "--datatype", "MQuAKE-hard", "--model_type", model_type,
-                    "--max_cases", str(n), "--output_root", a.output_root, "--run_id", "results"]
+                    "--max_cases", str(n), "--output_root", a.output_root, "--run_id", "results",
+                    "--articles_only"]  # every method on the same cases: the ones CausalEdit can run
         if a.small:
             argv_run += ["--device", "cpu"]
         if a.cache_dir:

@@ -194,3 +194,18 @@ def test_preflight_says_what_is_missing_on_cpu(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(P, "cuda_memory", lambda: ("small GPU", 12.0, 16.0))
     assert main(["preflight", "--model_type", "qwen2.5-7b-instruct", "--datatype", "MQuAKE-hard"]) == 1
     assert "[FAIL] GPU: small GPU: 12.0 of 16.0 GiB free" in capsys.readouterr().out
+
+
+def test_articles_only_selects_the_article_cases_for_any_method():
+    """MQuAKE-hard: PreEdited with --articles_only plans exactly CausalEdit's cases, in the same order;
+    without it, it plans from all 429. A run folder written before the flag existed resumes as without it."""
+    from code_edit.__main__ import build_parser
+    plan = lambda *extra: [u.key for u in R.prepare(build_parser().parse_args(  # noqa: E731
+        ["--datatype", "MQuAKE-hard", "--model_type", "tiny", "--max_cases", "20", *extra])).units]
+    causal = plan("--editing_method", "CausalEdit")
+    assert len(causal) == 20
+    assert plan("--editing_method", "PreEdited", "--articles_only") == causal
+    assert plan("--editing_method", "PreEdited") != causal
+    old = {k: v for k, v in R._identity({"articles_only": False}).items() if k != "articles_only"}
+    assert R._identity(old) == R._identity({"articles_only": False})
+    assert R._differences(R._identity(old), R._identity({"articles_only": True}))
