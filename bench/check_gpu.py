@@ -82,10 +82,10 @@ def check_sft_graph(mcfg) -> bool:
           f"max|dparam|={dp:.2e}, loss {a['losses'][0]:.3f} -> {a['losses'][-1]:.3f}: {'ok' if good else 'FAILED'}")
     # Dropout inside a compiled function inside a graph must draw new masks at every replay, not replay one.
     import torch.nn.functional as F
-    from train.sft import GraphedStep
+    from model.cuda_graph import GraphedStep
     w = torch.ones(64, device="cuda", requires_grad=True)
     drop = torch.compile(lambda x: (F.dropout(x * w, 0.5, True).sum(),))
-    step = GraphedStep(drop, (torch.ones(4096, 64, device="cuda"),), [w])
+    step = GraphedStep(drop, (torch.ones(4096, 64, device="cuda"),), params=[w])
     masks = [step(torch.ones(4096, 64, device="cuda"))[0].item() for _ in range(3)]
     fresh = len(set(masks)) == 3
     print(f"graph replay of compiled dropout: sums {masks}, fresh masks each replay={fresh}")

@@ -1,5 +1,5 @@
 """An SFT step on SmolLM2-135M + LoRA r12 (batch 12 x ~790 tokens): eager, compiled decoder blocks
-(Transformer.compile_blocks), and compiled blocks with the step replayed from a CUDA graph (train/sft.py
+(Transformer.compile_blocks), and compiled blocks with the step replayed from a CUDA graph (model/cuda_graph.py
 GraphedStep); ms per step after warm-up, and the loss agreement between them."""
 import json
 import sys

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .decoder import KVCache, Transformer, padding_mask, positions_from_mask
+from .cuda_graph import GraphedStep
 
 SYNC_EVERY = 16  # decode steps between host checks (all done? compact?)
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill chunk
@@ -193,29 +194,13 @@ class _Decoder:
         key = (B, S, self.L, self.state)
         g = self.eng.graphs.get(key)
         if g is None:
-            g = self._capture(B, tok, pos, mask, write_idx)
+            if self.eng.pool is None:
+                self.eng.pool = torch.cuda.graph_pool_handle()
+            cache = self.view(B, S)
+            g = GraphedStep(lambda t, p, m, w: self.fwd(self.model, t, p, m, cache, w), (tok, pos, mask, write_idx),
+                            pool=self.eng.pool)
             self.eng.graphs[key] = g
-        graph, (s_tok, s_pos, s_mask, s_w), out = g
-        s_tok.copy_(tok), s_pos.copy_(pos), s_mask.copy_(mask), s_w.copy_(write_idx)
-        graph.replay()
-        return out
-
-    def _capture(self, B, tok, pos, mask, write_idx):
-        static = (tok.clone(), pos.clone(), mask.clone(), write_idx.clone())
-        cache = self.view(B, mask.shape[-1])
-        # Warm up on a side stream (compilation, cuBLAS handles), as CUDA graph capture requires.
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                self.fwd(self.model, *static[:3], cache, static[3])
-        torch.cuda.current_stream().wait_stream(s)
-        if self.eng.pool is None:
-            self.eng.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.eng.pool):
-            out = self.fwd(self.model, *static[:3], cache, static[3])
-        return graph, static, out
+        return g(tok, pos, mask, write_idx)
 
 
 def _plan_rows(model: Transformer, S: int, n_rows: int, max_batch: int | None, prefix_slots: int = 0) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.cuda_graph import GraphedStep
 from train.losses import weighted_ce_at
 
 log_ = logging.getLogger(__name__)  # `log` is sft's per-step callback argument
@@ -90,10 +91,10 @@ def pack(rows: list[tuple[list[int], list[int]]], shape: tuple[int, int, int] | 
     """The Batch of (prompt, completion) rows; shape = (B, T, R) pads it to B rows, T positions and R
     learned positions (for a CUDA graph), else it is as small as the rows allow."""
     seqs = [(p + c)[:-1] for p, c in rows]
-    n_learn = sum(len(c) for _, c in rows)
-    B, T, R = shape or (len(rows), max(len(q) for q in seqs), n_learn)
-    if len(rows) > B or max(len(q) for q in seqs) > T or n_learn > R:
-        raise ValueError(f"pack: {len(rows)} rows, {max(len(q) for q in seqs)} positions, {n_learn} learned "
+    n_learn, longest = sum(len(c) for _, c in rows), max(len(q) for q in seqs)
+    B, T, R = shape or (len(rows), longest, n_learn)
+    if len(rows) > B or longest > T or n_learn > R:
+        raise ValueError(f"pack: {len(rows)} rows, {longest} positions, {n_learn} learned "
                          f"tokens do not fit the fixed shape {(B, T, R)}")
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos, tgt = [], []
@@ -121,35 +122,6 @@ def use_cuda_graphs(device: torch.device, cfg: "SFTConfig") -> bool:
     long kernels anyway), unless CODE_EDIT_CUDA_GRAPHS=0."""
     return (device.type == "cuda" and cfg.cuda_graphs and not cfg.grad_checkpointing
             and os.environ.get("CODE_EDIT_CUDA_GRAPHS", "1") != "0")
-
-
-class GraphedStep:
-    """A step function (fixed-shape inputs -> outputs, gradients as a side effect) captured once in a CUDA
-    graph and then replayed: a 135M model's step is ~1,000 small kernels whose launches cost more than
-    their work. Inputs are copied into static buffers; outputs and the parameters' .grad tensors are
-    static too, each replay overwriting them (the gradients are assigned, not accumulated: they were
-    None at capture). Warm-up runs on a side stream first (compilation, cuBLAS workspaces), as the
-    PyTorch CUDA-graphs notes prescribe; it touches gradients only, which are cleared before capture."""
-
-    def __init__(self, fn: Callable, example: tuple[torch.Tensor, ...], params: list[nn.Parameter], warmup: int = 2):
-        self.inputs = tuple(t.clone() for t in example)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*self.inputs)
-                for p in params:
-                    p.grad = None
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = fn(*self.inputs)
-
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        for dst, src in zip(self.inputs, inputs):
-            dst.copy_(src, non_blocking=True)
-        self.graph.replay()
-        return self.outputs
 
 
 class _StepStats:
@@ -269,7 +241,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
         try:
             if graphs:
                 try:
-                    run, graphed = GraphedStep(step_fn, pack(plan[0][1], shape).to(device), params), True
+                    run, graphed = GraphedStep(step_fn, pack(plan[0][1], shape).to(device), params=params), True
                 except Exception as e:  # a kernel that cannot be captured: the same steps, launched one by one
                     log_.warning("sft: CUDA graph capture failed (%s: %s); running uncaptured", type(e).__name__, e)
                     for p in params:
