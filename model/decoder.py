@@ -232,7 +232,7 @@ class Transformer(nn.Module):
 
     def compile_blocks(self, backend: str = "inductor", decode: bool = False) -> bool:
         """Compile the decoder block for cache-free forwards (training, teacher scoring), and with
-        `decode` for cached decode steps too (generate asks for that under CODE_EDIT_COMPILE_DECODE=1).
+        `decode` for cached decode steps too (generate asks for that on CUDA unless CODE_EDIT_COMPILE_DECODE=0).
         Every layer runs the same code, so one compiled graph (per grad mode / LoRA state / cache form)
         serves all of them ("regional" compilation: seconds to compile, not the minute a whole 30-layer
         step takes). On a small model this turns ~60 eager kernels per layer into a few fused ones.

@@ -175,10 +175,11 @@ class _Decoder:
         self.state = _state_key(model) if self.cuda else None
         self.eng = _engine(model) if self.cuda else None
         self.fwd = _decode_forward
-        if self.cuda and _use_compile() and os.environ.get("CODE_EDIT_COMPILE_DECODE", "0") == "1":
-            # Opt-in, and regional: the whole 30-layer step compiled in ~60 s on an H200 and recompiled on
-            # every new batch bucket, window and cache layout, which stalled a real bootstrap (BENCHMARKS
-            # "SmolLM2"). One compiled block with symbolic shapes serves every layer and size.
+        if self.cuda and _use_compile() and os.environ.get("CODE_EDIT_COMPILE_DECODE", "1") == "1":
+            # Regional: the whole 30-layer step compiled in ~60 s on an H200 and recompiled on every new
+            # batch bucket, window and cache layout, which stalled a real bootstrap (BENCHMARKS "SmolLM2").
+            # One compiled block with symbolic shapes serves every layer and size, and beat graph replay
+            # of eager kernels 1.49x at the distillation shape (bench/decode_modes.py).
             model.compile_blocks(decode=True)
 
     def view(self, B: int, W: int) -> KVCache:
