@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Long GPU jobs that outlive device calls and sessions. On the GPU machine, after the two staging calls
-# of bench/stage_smollm2.sh:
+# of bench/stage_smollm2.sh (the first unpacks an earlier session's compile cache, if staged):
 #   bash bench/gpu_job.sh start JOB   unpack bench/runs/gpu_state.tgz into .gpu_state/ (unless there), start
 #                                     JOB in the background (setsid), log to /tmp/gpu_job.log
 #   bash bench/gpu_job.sh wait S      wait up to S seconds or until the job ends, then show the log's end
-#   bash bench/gpu_job.sh pack        write .gpu_state to $OUT/gpu_state.tgz
-# Here, copy the returned tgz over bench/runs/gpu_state.tgz and commit it: the next start resumes from it.
+#   bash bench/gpu_job.sh pack        write .gpu_state to $OUT/gpu_state.tgz, torch.compile's cache to
+#                                     $OUT/inductor.tgz
+# Here, copy the returned gpu_state.tgz over bench/runs/gpu_state.tgz and commit it: the next start resumes
+# from it. Keep inductor.tgz as .gpu_cache/inductor.tgz (git-ignored, not committed: binaries for one
+# torch/GPU pair): the next session's staging carries it, and its first case compiles from cache (~190 s
+# of compiling in a fresh process, BENCHMARKS "SmolLM2").
 # JOB: p4 = CausalEdit, smollm2 preset, 5 MQuAKE-hard cases (issue P4); results = scripts/results.py
 # (P7: 5 methods x 20 cases, two judges, RESULTS.md into .gpu_state/); all = p4, then results.
 # Every job resumes where its run folders stop; all share one bootstrap cache.
 set -u
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 P4=(python3 -m code_edit --editing_method CausalEdit --datatype MQuAKE-hard --model_type smollm2-135m-instruct
     --max_cases 5 --run_id h200 --output_root .gpu_state/out --cache_dir .gpu_state/cache)
 RESULTS=(python3 scripts/results.py --output_root .gpu_state/results --cache_dir .gpu_state/cache
@@ -31,6 +35,8 @@ case "$1" in
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && pgrep -f 'code_edi[t] --editing_method|scripts/result[s].py' >/dev/null; do sleep 5; done
     tr '\r' '\n' < /tmp/gpu_job.log | grep -v '^\s*$' | grep -v -i 'warn\|online softmax\|split the reduction\|important use case' | tail -15;;
-  pack) tar czf "$OUT/gpu_state.tgz" .gpu_state && ls -la "$OUT";;
+  pack) tar czf "$OUT/gpu_state.tgz" .gpu_state
+        [ -d /tmp/inductor_cache ] && { tar czf "$OUT/inductor.tgz" -C /tmp/inductor_cache . 2>/dev/null || true; }
+        ls -la "$OUT";;
   *) echo "usage: gpu_job.sh start JOB | wait SECONDS | pack"; exit 2;;
 esac
