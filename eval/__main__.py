@@ -28,6 +28,9 @@ def _judge_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rule-based", action="store_true", help="use the offline rule-based judge even if a key is set")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--max-retries", type=int, default=6, help="retries per request on 429/5xx/timeouts")
+    g.add_argument("--guided-choice", action="store_true",
+                   help="constrain each reply to the well-formed verdicts (vLLM's guided_choice field, which `eval "
+                        "serve` implements): for small local judges that cannot keep the format; no written reasoning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +69,7 @@ def _backend(args: argparse.Namespace, *, llm: bool = True):
     from .judge import make_backend
     return make_backend(base_url=args.base_url, judge_model=args.judge_model, api_key_file=args.api_key_file,
                         rule_based=args.rule_based or not llm, max_workers=args.max_workers,
-                        timeout=args.timeout, max_retries=args.max_retries)
+                        timeout=args.timeout, max_retries=args.max_retries, guided=args.guided_choice)
 
 
 def main(argv: list[str] | None = None) -> int:

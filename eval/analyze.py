@@ -17,7 +17,7 @@ from .files import atomic_write_json, read_json
 from .judge import RULE_BASED, Backend, Item, ask_parsed, item_key, output_dir, run_items
 from .mquake import target_str
 from .probes import CONFLICT_PER_REWRITE, answer_matches, load_records, normalize_answer
-from .prompts import self_refute_messages, why_messages
+from .prompts import SELF_REFUTE_CHOICES, WHY_CHOICES, self_refute_messages, why_messages
 
 CE_SUFFIX = "_only_causal_enhanced"
 FLAGS = ("conflict_probe", "conflict_probe_tell_me_about_first", "hop_wise_pred", "combined",
@@ -167,7 +167,7 @@ def decide_self_refute(backend: Backend):
             return {"result": "OK", **rule_self_refute(it.pred, it.ref), "method": RULE_BASED}
         try:
             verdict, raw = ask_parsed(backend.client, self_refute_messages(it.prompt, it.ref, it.pred),
-                                      parse_self_refute)
+                                      parse_self_refute, SELF_REFUTE_CHOICES if backend.guided else None)
         except ContentFilterError:
             return {"result": "OK", **rule_self_refute(it.pred, it.ref), "method": "rule-based (content filter)"}
         return {"result": "OK", **verdict, "raw": raw, "method": "llm"}
@@ -309,7 +309,8 @@ def decide_why(backend: Backend):
         if backend.client is None:
             return {**rule(), "method": RULE_BASED}
         try:
-            verdict, raw = ask_parsed(backend.client, why_messages(it.extra["article"], it.prompt, it.pred), parse_why)
+            verdict, raw = ask_parsed(backend.client, why_messages(it.extra["article"], it.prompt, it.pred), parse_why,
+                                      WHY_CHOICES if backend.guided else None)
         except ContentFilterError:
             return {**rule(), "method": "rule-based (content filter)"}
         return {**verdict, "raw": raw, "method": "llm"}

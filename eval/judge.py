@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 from .chat import ChatClient, ChatError, ContentFilterError, bounded_map, resolve_api_keys
 from .files import append_jsonl, atomic_write_json, read_jsonl
 from .probes import answer_matches, load_records
-from .prompts import judge_messages
+from .prompts import VERDICT_CHOICES, judge_messages
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,19 @@ class Backend:
     """Who judges: an OpenAI-compatible endpoint (`client`), or the rule-based judge (client None)."""
     client: ChatClient | None
     max_workers: int = 1
+    guided: bool = False  # replies constrained to the well-formed verdicts (guided_choice), see ask_parsed
 
     @property
     def label(self) -> str:
         # The endpoint is left out so a resumed run may reach the same model at another address.
-        return RULE_BASED if self.client is None else f"llm:{self.client.model}"
+        if self.client is None:
+            return RULE_BASED
+        return f"llm:{self.client.model}" + (":guided" if self.guided else "")
 
 
 def make_backend(*, base_url: str | None, judge_model: str | None, api_key_file: str | None = None,
                  rule_based: bool = False, max_workers: int | None = None, timeout: float = 120.0,
-                 max_retries: int = 6) -> Backend:
+                 max_retries: int = 6, guided: bool = False) -> Backend:
     """No key and no base URL (or `rule_based`) -> the offline rule-based judge. A key alone uses
     the reference's endpoint; a base URL alone is a local server that needs no key."""
     keys = [] if rule_based else resolve_api_keys(api_key_file)
@@ -77,15 +80,19 @@ def make_backend(*, base_url: str | None, judge_model: str | None, api_key_file:
     client = ChatClient(base_url or DEFAULT_BASE_URL, judge_model or DEFAULT_JUDGE_MODEL, keys,
                         timeout=timeout, max_retries=max_retries)
     workers = max_workers if max_workers else 16 * max(1, len(keys))
-    return Backend(client, workers)
+    return Backend(client, workers, guided)
 
 
-def ask_parsed(client: ChatClient, messages: list[dict], parse: Callable[[str], Any]) -> tuple[Any, str]:
+def ask_parsed(client: ChatClient, messages: list[dict], parse: Callable[[str], Any],
+               choices: list[str] | None = None) -> tuple[Any, str]:
     """Ask and parse; a reply that does not parse is asked again, up to PARSE_ATTEMPTS times.
-    ChatError (incl. ContentFilterError) propagates for the caller to handle."""
+    `choices`: the reply must be one of these strings (vLLM's guided_choice request field, which
+    `eval serve` also implements): a judge too small to write the format still gives a verdict, at the
+    cost of its written reasoning. ChatError (incl. ContentFilterError) propagates for the caller."""
     raw, err = "", None
+    params = {"guided_choice": choices} if choices else {}
     for _ in range(PARSE_ATTEMPTS):
-        raw = client.complete(messages)
+        raw = client.complete(messages, **params)
         try:
             return parse(raw), raw
         except ValueError as e:
@@ -182,7 +189,8 @@ def decide_correctness(backend: Backend) -> Callable[[Item], dict]:
         if backend.client is None:
             return {"result": rule_verdict(it), "raw": "", "method": RULE_BASED}
         try:
-            verdict, raw = ask_parsed(backend.client, judge_messages(it.prompt, it.ref, it.pred), parse_verification)
+            verdict, raw = ask_parsed(backend.client, judge_messages(it.prompt, it.ref, it.pred), parse_verification,
+                                      VERDICT_CHOICES if backend.guided else None)
         except ContentFilterError:
             return {"result": rule_verdict(it), "raw": "", "method": "rule-based (content filter)"}
         return {"result": verdict, "raw": raw, "method": "llm"}

@@ -1,7 +1,11 @@
 """Prompts for the LLM judges (METHOD.md 4.4-4.6), in this project's own wording: answer
 correctness (PASS/FAIL in <verification> tags), self-refutation (JSON only) and article-grounded
-"why" consistency (<consistency>/<evidence>/<reason> tags). Each builder returns chat messages."""
+"why" consistency (<consistency>/<evidence>/<reason> tags). Each builder returns chat messages; each
+*_CHOICES lists every well-formed reply without free text, for judges constrained by guided_choice."""
 from __future__ import annotations
+
+import itertools
+import json
 
 # ------------------------------------------------------------------ 4.4 answer correctness
 
@@ -51,6 +55,9 @@ Gold references:
 Model response:
 {pred}
 Grading:"""
+
+
+VERDICT_CHOICES = ["<verification>PASS</verification>", "<verification>FAIL</verification>"]
 
 
 def judge_messages(prompt: str, refs: list[str], pred: str) -> list[dict]:
@@ -110,6 +117,14 @@ Answer text:
 {pred}"""
 
 
+# The 8 flag combinations, each with the verdict the rule implies (all three steps: asserted, negated, not final).
+SELF_REFUTE_CHOICES = [
+    json.dumps({"reasoning": "", "analysis": {"assertion_of_target_new": a, "explicit_negation_of_target_new": n,
+                                              "final_submitted_answer_target_new": f},
+                "self_refutation_detected": a and n and not f, "evidence": ""})
+    for a, n, f in itertools.product((True, False), repeat=3)]
+
+
 def self_refute_messages(prompt: str, refs: list[str], pred: str) -> list[dict]:
     refs_text = "; ".join(refs)
     return [{"role": "system", "content": SELF_REFUTE_SYSTEM},
@@ -156,6 +171,10 @@ Model response: Customers asked for healthier bread, so the bakery moved to rye.
 Article: {article}
 Question: {prompt}
 Model response: {pred}"""
+
+
+WHY_CHOICES = [f"<consistency>{v}</consistency>\n<evidence></evidence>\n<reason></reason>"
+               for v in ("PASS", "FAIL", "UNSURE")]
 
 
 def why_messages(article: str, prompt: str, pred: str) -> list[dict]:

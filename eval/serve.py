@@ -1,6 +1,7 @@
 """`python -m eval serve`: an OpenAI-compatible chat-completions server (stdlib ThreadingHTTPServer)
 over this project's decoder and sampler, so the judge can be a local model with no paid API.
-Greedy requests that wait together share one generate call; the server binds 127.0.0.1 unless told otherwise."""
+Greedy requests that wait together share one generate call; vLLM's `guided_choice` field is honoured
+(greedy, constrained to the listed strings); the server binds 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
 import json
@@ -69,6 +70,34 @@ class _GreedyBatcher:
         return job.result
 
 
+def guided_choice(model: Any, prompt: list[int], choices: list[list[int]], end_id: int) -> int:
+    """The index of the choice that greedy decoding writes when it may write only one of `choices`
+    (token ids, each followed by `end_id`), as vLLM's guided_choice does at temperature 0: wherever the
+    choices still in the race differ, the allowed token with the highest logit wins. One teacher-forced
+    forward of every choice after the prompt gives all the logits the race needs."""
+    import torch
+
+    seqs = [c + [end_id] for c in choices]
+    width = len(prompt) + max(len(s) for s in seqs) - 1
+    dev = model.lm_head.weight.device
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):  # right-padded: under the causal mask real tokens never see the padding
+        row = prompt + s[:-1]
+        ids[i, :len(row)] = torch.tensor(row)
+    alive = list(range(len(seqs)))
+    with torch.inference_mode():
+        h = model.hidden(ids.to(dev))
+        for j in range(max(len(s) for s in seqs)):
+            if len(alive) == 1:
+                break
+            allowed = sorted({seqs[i][j] for i in alive})
+            if len(allowed) > 1:  # the survivors share their first j tokens, so any survivor's row will do
+                logits = model.lm_head(h[alive[0], len(prompt) - 1 + j]).float()
+                best = allowed[int(logits[allowed].argmax())]
+                alive = [i for i in alive if seqs[i][j] == best]
+    return alive[0]
+
+
 def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127.0.0.1", port: int = 0,
                 max_new_tokens: int = 1024, temperature: float = 0.0) -> ThreadingHTTPServer:
     """A ready-to-run server (call serve_forever). Requests without `temperature` decode with
@@ -96,6 +125,19 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
         temp = body.get("temperature")
         ids = tokenizer.encode(tokenizer.chat(messages, add_generation_prompt=True))
         temp = float(temperature if temp is None else temp)
+        choices = body.get("guided_choice")
+        if choices is not None:
+            if (not isinstance(choices, list) or not choices or len(choices) > 64
+                    or not all(isinstance(c, str) and c for c in choices) or len(set(choices)) < len(choices)):
+                raise _BadRequest("'guided_choice' must be a list of 1 to 64 distinct non-empty strings")
+            if temp != 0.0:
+                raise _BadRequest("'guided_choice' is supported at temperature 0 only")
+            encoded = [tokenizer.encode(c) for c in choices]
+            if len({tuple(e) for e in encoded}) < len(encoded):
+                raise _BadRequest("two 'guided_choice' strings encode to the same tokens")
+            with lock:
+                k = guided_choice(model, ids, encoded, greedy.stop_ids[0] if greedy.stop_ids else 0)
+            return response(choices[k], "stop", len(ids), len(encoded[k]))
         if temp == 0.0:
             c = greedy(ids, int(max_tokens))
         else:
@@ -108,11 +150,13 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
         cut = [text.find(s) for s in stop if s and s in text]
         if cut:
             text, finish = text[:min(cut)], "stop"
-        n_out = len(c.tokens)
+        return response(text, finish, len(ids), len(c.tokens))
+
+    def response(text: str, finish: str, n_in: int, n_out: int) -> dict:
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"

@@ -89,8 +89,10 @@ def local_judge(source: str, *, small: bool) -> Iterator[list[str]]:
         if " at http" not in line:
             raise RuntimeError(f"`{' '.join(cmd)}` did not start (exit code {proc.wait()})")
         url = line.split(" at ", 1)[1].split()[0]
-        # Many requests in flight let the server batch them (up to 64 per generate call): one GPU, many rows.
-        yield ["--base-url", url, "--judge-model", source, "--max-workers", "32"]
+        # Many requests in flight keep the GPU busy. Guided: a 135M judge wrote an unparseable reply for 12 of
+        # 15 items even with 3 tries each (CPU trial, case 8772), so its verdicts are constrained to the
+        # well-formed ones (README "python -m eval serve").
+        yield ["--base-url", url, "--judge-model", source, "--max-workers", "32", "--guided-choice"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -158,7 +160,8 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
         timing.append(f"| {method} | " + " | ".join(f"{means[s]:.1f}" if s in means else "-" for s in
                                                     STAGES)
                       + f" | {peak:.1f} |")
-    lines += ["", f"LLM judge: `{judge_model}` served by `python -m eval serve` (greedy). Run folders: "
+    lines += ["", f"LLM judge: `{judge_model}` served by `python -m eval serve`, greedy and constrained to the "
+              "well-formed verdicts (`--guided-choice`: it picks a verdict without writing its reasoning). Run folders: "
               + ", ".join(f"`{d}`" for d, _ in runs.values()) + "."]
     lines += timing
     if small:
@@ -179,8 +182,9 @@ SCALE_NOTE = [
     "Cannot: the paper's accuracy levels, which come from 7-8B models. A 135M model is a weak reasoner: its "
     "open-book thoughts (the SFT targets) are only as good as it writes them, and multi-hop questions need "
     "it to chain facts it may not hold, so low M-Acc for every method says little about the method. With 20 "
-    "cases one case moves M-Acc by 5 points. The local judge is the same 135M model: it is a weak judge, and where the two disagree the "
-    "rule-based columns are the safer reading. SRR counts only rewrites whose answer stated the new fact, "
+    "cases one case moves M-Acc by 5 points. The local judge is the same 135M model: it is a weak judge (left "
+    "to write freely it rarely produced a parseable verdict, hence the constrained choice), and where the two "
+    "disagree the rule-based columns are the safer reading. SRR counts only rewrites whose answer stated the new fact, "
     "which may be few here.",
 ]
 

@@ -176,3 +176,80 @@ def test_concurrent_greedy_requests_share_generate_calls(tok, monkeypatch):
             t.join(timeout=60)
     assert got == want
     assert sum(sizes) == 10 and max(sizes) > 1  # the nine that waited were batched
+
+
+def naive_guided(model, prompt, choices, end_id):
+    """Reference for guided_choice: decode token by token with a full forward of the whole sequence,
+    allowing only tokens that keep the text on some choice (end_id once a choice is complete)."""
+    seqs = [c + [end_id] for c in choices]
+    out = []
+    while True:
+        live = [s for s in seqs if s[:len(out)] == out]
+        if len(live) == 1 and len(out) == len(live[0]):
+            return seqs.index(live[0])
+        allowed = sorted({s[len(out)] for s in live})
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out]))[0, -1]
+        out.append(allowed[int(logits[allowed].argmax())])
+
+
+def test_guided_choice_matches_naive_constrained_greedy(tok):
+    from eval.serve import guided_choice
+
+    model = load_model("tiny-random", device="cpu")
+    end = tok.eos_ids[0]
+    gen = torch.Generator().manual_seed(0)
+    lists = [["PASS", "FAIL"], ["yes", "yes sir", "no"], ["<verification>PASS</verification>",
+                                                            "<verification>FAIL</verification>"]]
+    picked = set()
+    for trial in range(12):
+        prompt = torch.randint(5, tok.vocab_size, (int(torch.randint(3, 40, (1,), generator=gen)),),
+                               generator=gen).tolist()
+        for texts in lists:
+            enc = [tok.encode(t) for t in texts]
+            k = guided_choice(model, prompt, enc, end)
+            assert k == naive_guided(model, prompt, enc, end), (trial, texts)
+            picked.add((tuple(texts), k))
+    assert len({k for t, k in picked if t == tuple(lists[1])}) > 1  # the race is decided by the model, not fixed
+
+
+def test_serve_guided_choice_requests_and_guided_judge(tmp_path, tok):
+    model = load_model("tiny-random", device="cpu")
+    msgs = [{"role": "user", "content": "Is Paris in France?"}]
+    from eval.prompts import SELF_REFUTE_CHOICES, VERDICT_CHOICES
+    from eval.serve import guided_choice
+    ids = tok.encode(tok.chat(msgs, add_generation_prompt=True))
+    want = VERDICT_CHOICES[guided_choice(model, ids, [tok.encode(c) for c in VERDICT_CHOICES], tok.eos_ids[0])]
+    with Running(make_server(model, tok, model_name="tiny-random", max_new_tokens=8)) as srv:
+        client = ChatClient(srv.base_url, "tiny-random", timeout=60, max_retries=0)
+        assert client.complete(msgs, guided_choice=VERDICT_CHOICES) == want
+        for bad in ([], ["a", "a"], ["a", ""], "PASS"):
+            with pytest.raises(ChatError, match="guided_choice") as ei:
+                client.complete(msgs, guided_choice=bad)
+            assert ei.value.status == 400
+        with pytest.raises(ChatError, match="temperature 0"):
+            client.complete(msgs, guided_choice=["a", "b"], temperature=0.7)
+
+        # the random tiny model never writes a verdict tag on its own; guided, every item gets one
+        def item(p):
+            return {"q": p, "prompt": f"Now, {p} Let's think step by step.", "ref": ["Paris"], "pred": "It is Paris."}
+        rw = [{"prompt": "{} is in", "subject": "Paris", "target_new": "Lyon", "target_true": "France",
+               "question": "Where is Paris?"}]
+        recs = [{"case_id": c, "requested_rewrite": rw, "time": 0.0,
+                 "post": {"hop_wise_pred": [[item(f"h{c}{s}") for s in range(2)]],
+                          "accuracy_pred": [item(f"m{c}{s}") for s in range(2)],
+                          "conflict_probe": [{"prompt": "Now, where? Let's think step by step.", "ref": ["Paris"],
+                                              "pred": "Paris. No, that is wrong. The answer is Lyon."}]}}
+                for c in range(2)]
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps(recs))
+        backend = J.Backend(client, 2, guided=True)
+        s = J.run_judge(run / "metrics.json", backend, progress=False)
+        assert s["judge"] == "llm:tiny-random:guided"
+        assert s["items"]["ERROR"] == 0 and s["items"]["PASS"] + s["items"]["FAIL"] == s["items"]["total"] == 8
+        from eval.analyze import run_analyze
+        res = run_analyze(run / "metrics.json", backend, progress=False)
+        rows = [json.loads(x) for x in (run / "analysis" / "pred_self_refute_analysis_llm_judge_ckpt.jsonl").read_text().splitlines()]
+        assert rows and all(r["result"] == "OK" and r["method"] == "llm" and r["raw"] in SELF_REFUTE_CHOICES for r in rows)
+        assert res["judge"] == "llm:tiny-random:guided"

@@ -19,8 +19,9 @@ def test_results_small(tmp_path, capsys):
     rule = json.loads((run / "results" / "rule-based" / "judge_summary.json").read_text())
     local = json.loads((run / "results" / "local" / "judge_summary.json").read_text())
     assert rule["judge"] == "rule-based" and rule["items"]["ERROR"] == 0
-    # every item went to the served model and came back (a random model's replies do not parse)
-    assert local["judge"] == "llm:tiny-random" and local["items"]["total"] == rule["items"]["total"] > 0
+    # every item went to the served model and came back with a verdict (guided: even a random model's parse)
+    assert local["judge"] == "llm:tiny-random:guided" and local["items"]["total"] == rule["items"]["total"] > 0
+    assert local["items"]["ERROR"] == 0
     row = next(line for line in text.splitlines() if line.startswith("| PreEdited |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     h_rule = rule["overall_hop_wise_average"]
