@@ -73,28 +73,25 @@ class _GreedyBatcher:
 def guided_choice(model: Any, prompt: list[int], choices: list[list[int]], end_id: int) -> int:
     """The index of the choice that greedy decoding writes when it may write only one of `choices`
     (token ids, each followed by `end_id`), as vLLM's guided_choice does at temperature 0: wherever the
-    choices still in the race differ, the allowed token with the highest logit wins. One teacher-forced
-    forward of every choice after the prompt gives all the logits the race needs."""
+    choices still in the race differ, the allowed token with the highest logit wins. Tokens the race
+    forces are appended without a forward, so a race costs one forward per branch point on its path
+    (one for PASS/FAIL, three for the eight self-refutation verdicts)."""
     import torch
 
     seqs = [c + [end_id] for c in choices]
-    width = len(prompt) + max(len(s) for s in seqs) - 1
+    alive, out = list(range(len(seqs))), []
     dev = model.lm_head.weight.device
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):  # right-padded: under the causal mask real tokens never see the padding
-        row = prompt + s[:-1]
-        ids[i, :len(row)] = torch.tensor(row)
-    alive = list(range(len(seqs)))
-    with torch.inference_mode():
-        h = model.hidden(ids.to(dev))
-        for j in range(max(len(s) for s in seqs)):
-            if len(alive) == 1:
-                break
-            allowed = sorted({seqs[i][j] for i in alive})
-            if len(allowed) > 1:  # the survivors share their first j tokens, so any survivor's row will do
-                logits = model.lm_head(h[alive[0], len(prompt) - 1 + j]).float()
-                best = allowed[int(logits[allowed].argmax())]
-                alive = [i for i in alive if seqs[i][j] == best]
+    while len(alive) > 1:
+        allowed = sorted({seqs[i][len(out)] for i in alive})
+        if len(allowed) > 1:
+            with torch.inference_mode():
+                h = model.hidden(torch.tensor([prompt + out], device=dev))[0, -1]
+                logits = model.lm_head(h).float()
+            tok = allowed[int(logits[allowed].argmax())]
+        else:
+            tok = allowed[0]
+        alive = [i for i in alive if seqs[i][len(out)] == tok]
+        out.append(tok)
     return alive[0]
 
 
