@@ -145,17 +145,24 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
              "answer stated the new fact. All in %.", "",
              "| method | cases | H-Acc rule | M-Acc rule | SRR rule | H-Acc LLM | M-Acc LLM | SRR LLM |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    verdicts = ["", "How often each judge said PASS, over every judged answer (a judge that passes nearly "
+                "everything cannot rank the methods):", "",
+                "| method | answers judged | PASS rule % | PASS LLM % | LLM errors |", "|---|---:|---:|---:|---:|"]
     timing = ["", "Seconds per case by stage (mean) and peak GPU memory:", "",
               "| method | " + " | ".join(STAGES) + " | peak GiB |", "|---|" + "---:|" * (len(STAGES) + 1)]
     for method, (run_dir, argv_run) in runs.items():
-        cells = []
+        cells, items = [], {}
         for judge in JUDGES:
             j = read_json(run_dir / "results" / judge / "judge_summary.json", f"{method} {judge} judge summary")
+            items[judge] = j["items"]
             an = read_json(run_dir / "results" / judge / "pred_analysis.json", f"{method} {judge} analysis")
             cells += [_pct(j["overall_hop_wise_average"]), _pct(j["accuracy_averages"]["any_right_accuracy"]),
                       _pct(an["summary"]["SRR"]["rate"])]
         records = read_json(run_dir / "metrics.json", f"{method} metrics.json")
         lines.append(f"| {method} | {len(records)} | " + " | ".join(cells) + " |")
+        rule, llm = items["rule-based"], items["local"]
+        verdicts.append(f"| {method} | {rule['total']} | {_pct(rule['PASS'] / rule['total'] if rule['total'] else None)} | "
+                        f"{_pct(llm['PASS'] / llm['total'] if llm['total'] else None)} | {llm['ERROR']} |")
         means, peak = stage_table(records)
         timing.append(f"| {method} | " + " | ".join(f"{means[s]:.1f}" if s in means else "-" for s in
                                                     STAGES)
@@ -163,7 +170,7 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
     lines += ["", f"LLM judge: `{judge_model}` served by `python -m eval serve`, greedy and constrained to the "
               "well-formed verdicts (`--guided-choice`: it picks a verdict without writing its reasoning). Run folders: "
               + ", ".join(f"`{d}`" for d, _ in runs.values()) + "."]
-    lines += timing
+    lines += verdicts + timing
     if small:
         lines += ["", "Smoke run (--small): a random tiny model and a random judge; the numbers mean nothing."]
     else:

@@ -26,8 +26,12 @@ def test_results_small(tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     h_rule = rule["overall_hop_wise_average"]
     assert cells[1] == "1" and cells[2] == ("n/a" if h_rule is None else f"{100 * h_rule:.1f}")
+    v_row = [line for line in text.splitlines() if line.startswith("| PreEdited |")][1]
+    assert [c.strip() for c in v_row.strip("|").split("|")] == [
+        "PreEdited", str(rule["items"]["total"]), f"{100 * rule['items']['PASS'] / rule['items']['total']:.1f}",
+        f"{100 * local['items']['PASS'] / local['items']['total']:.1f}", "0"]
     records = json.loads((run / "metrics.json").read_text())
-    t_row = [line for line in text.splitlines() if line.startswith("| PreEdited |")][1]
+    t_row = [line for line in text.splitlines() if line.startswith("| PreEdited |")][2]
     eval_s = sum(r["stages"]["eval"]["seconds"] for r in records) / len(records)
     assert [c.strip() for c in t_row.strip("|").split("|")][4] == f"{eval_s:.1f}"
 
