@@ -130,6 +130,20 @@ def stage_table(records: list[dict]) -> tuple[dict[str, float], float]:
     return means, peak / 2**30
 
 
+def agreement(run_dir: Path, judge_ids: tuple[str, str]) -> float | None:
+    """The fraction of answers both judges decided (PASS/FAIL) on which they agree, from the run's judge
+    checkpoint, where every judge appends its verdicts (the last row per answer counts)."""
+    from eval.files import read_jsonl
+
+    verdicts: dict[str, dict[str, str]] = {j: {} for j in judge_ids}
+    for row in read_jsonl(run_dir / "judge" / "metrics.judged.ckpt.jsonl"):
+        if row.get("judge_id") in verdicts and row.get("result") in ("PASS", "FAIL"):
+            verdicts[row["judge_id"]][row["key"]] = row["result"]
+    a, b = (verdicts[j] for j in judge_ids)
+    both = a.keys() & b.keys()
+    return sum(a[k] == b[k] for k in both) / len(both) if both else None
+
+
 def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_model: str, small: bool,
            argv: list[str] | None) -> str:
     from eval.files import read_json
@@ -145,9 +159,10 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
              "answer stated the new fact. All in %.", "",
              "| method | cases | H-Acc rule | M-Acc rule | SRR rule | H-Acc LLM | M-Acc LLM | SRR LLM |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    verdicts = ["", "How often each judge said PASS, over every judged answer (a judge that passes nearly "
-                "everything cannot rank the methods):", "",
-                "| method | answers judged | PASS rule % | PASS LLM % | LLM errors |", "|---|---:|---:|---:|---:|"]
+    verdicts = ["", "How often each judge said PASS over every judged answer, and how often the two agree (a "
+                "judge that passes nearly everything, or disagrees with exact string matches, cannot rank the methods):",
+                "", "| method | answers judged | PASS rule % | PASS LLM % | judges agree % | LLM errors |",
+                "|---|---:|---:|---:|---:|---:|"]
     timing = ["", "Seconds per case by stage (mean) and peak GPU memory:", "",
               "| method | " + " | ".join(STAGES) + " | peak GiB |", "|---|" + "---:|" * (len(STAGES) + 1)]
     for method, (run_dir, argv_run) in runs.items():
@@ -161,8 +176,9 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
         records = read_json(run_dir / "metrics.json", f"{method} metrics.json")
         lines.append(f"| {method} | {len(records)} | " + " | ".join(cells) + " |")
         rule, llm = items["rule-based"], items["local"]
+        agree = agreement(run_dir, ("rule-based", f"llm:{judge_model}:guided"))
         verdicts.append(f"| {method} | {rule['total']} | {_pct(rule['PASS'] / rule['total'] if rule['total'] else None)} | "
-                        f"{_pct(llm['PASS'] / llm['total'] if llm['total'] else None)} | {llm['ERROR']} |")
+                        f"{_pct(llm['PASS'] / llm['total'] if llm['total'] else None)} | {_pct(agree)} | {llm['ERROR']} |")
         means, peak = stage_table(records)
         timing.append(f"| {method} | " + " | ".join(f"{means[s]:.1f}" if s in means else "-" for s in
                                                     STAGES)
@@ -190,8 +206,9 @@ SCALE_NOTE = [
     "open-book thoughts (the SFT targets) are only as good as it writes them, and multi-hop questions need "
     "it to chain facts it may not hold, so low M-Acc for every method says little about the method. With 20 "
     "cases one case moves M-Acc by 5 points. The local judge is the same 135M model: it is a weak judge (left "
-    "to write freely it rarely produced a parseable verdict, hence the constrained choice), and where the two "
-    "disagree the rule-based columns are the safer reading. SRR counts only rewrites whose answer stated the new fact, "
+    "to write freely it rarely produced a parseable verdict, hence the constrained choice; constrained, it failed "
+    "answers that equal the gold reference in a CPU trial). Where the agreement column is near or below chance, "
+    "the LLM columns measure the judge, not the methods, and the rule-based columns are the reading to use. SRR counts only rewrites whose answer stated the new fact, "
     "which may be few here.",
 ]
 

@@ -27,9 +27,16 @@ def test_results_small(tmp_path, capsys):
     h_rule = rule["overall_hop_wise_average"]
     assert cells[1] == "1" and cells[2] == ("n/a" if h_rule is None else f"{100 * h_rule:.1f}")
     v_row = [line for line in text.splitlines() if line.startswith("| PreEdited |")][1]
+    # agreement recomputed from the two judges' per-answer verdicts in metrics.judged.json's sources
+    rows = [json.loads(x) for x in (run / "judge" / "metrics.judged.ckpt.jsonl").read_text().splitlines()]
+    by = {}
+    for r in rows:
+        by.setdefault(r["judge_id"], {})[r["key"]] = r["result"]
+    a, b = by["rule-based"], by["llm:tiny-random:guided"]
+    agree = sum(a[k] == b[k] for k in a) / len(a)
     assert [c.strip() for c in v_row.strip("|").split("|")] == [
         "PreEdited", str(rule["items"]["total"]), f"{100 * rule['items']['PASS'] / rule['items']['total']:.1f}",
-        f"{100 * local['items']['PASS'] / local['items']['total']:.1f}", "0"]
+        f"{100 * local['items']['PASS'] / local['items']['total']:.1f}", f"{100 * agree:.1f}", "0"]
     records = json.loads((run / "metrics.json").read_text())
     t_row = [line for line in text.splitlines() if line.startswith("| PreEdited |")][2]
     eval_s = sum(r["stages"]["eval"]["seconds"] for r in records) / len(records)
