@@ -133,7 +133,7 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
             if len({tuple(e) for e in encoded}) < len(encoded):
                 raise _BadRequest("two 'guided_choice' strings encode to the same tokens")
             with lock:
-                k = guided_choice(model, ids, encoded, greedy.stop_ids[0] if greedy.stop_ids else 0)
+                k = guided_choice(model, ids, encoded, tokenizer.eos_ids[0] if tokenizer.eos_ids else 0)
             return response(choices[k], "stop", len(ids), len(encoded[k]))
         if temp == 0.0:
             c = greedy(ids, int(max_tokens))

@@ -166,17 +166,17 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
     timing = ["", "Seconds per case by stage (mean) and peak GPU memory:", "",
               "| method | " + " | ".join(STAGES) + " | peak GiB |", "|---|" + "---:|" * (len(STAGES) + 1)]
     for method, (run_dir, argv_run) in runs.items():
-        cells, items = [], {}
+        cells, summaries = [], {}
         for judge in JUDGES:
             j = read_json(run_dir / "results" / judge / "judge_summary.json", f"{method} {judge} judge summary")
-            items[judge] = j["items"]
+            summaries[judge] = j
             an = read_json(run_dir / "results" / judge / "pred_analysis.json", f"{method} {judge} analysis")
             cells += [_pct(j["overall_hop_wise_average"]), _pct(j["accuracy_averages"]["any_right_accuracy"]),
                       _pct(an["summary"]["SRR"]["rate"])]
         records = read_json(run_dir / "metrics.json", f"{method} metrics.json")
         lines.append(f"| {method} | {len(records)} | " + " | ".join(cells) + " |")
-        rule, llm = items["rule-based"], items["local"]
-        agree = agreement(run_dir, ("rule-based", f"llm:{judge_model}:guided"))
+        rule, llm = summaries["rule-based"]["items"], summaries["local"]["items"]
+        agree = agreement(run_dir, (summaries["rule-based"]["judge"], summaries["local"]["judge"]))
         verdicts.append(f"| {method} | {rule['total']} | {_pct(rule['PASS'] / rule['total'] if rule['total'] else None)} | "
                         f"{_pct(llm['PASS'] / llm['total'] if llm['total'] else None)} | {_pct(agree)} | {llm['ERROR']} |")
         means, peak = stage_table(records)
