@@ -7,18 +7,19 @@
 #   bash bench/gpu_job.sh pack        write .gpu_state to $OUT/gpu_state.tgz, torch.compile's cache to
 #                                     $OUT/inductor.tgz
 # Here, copy the returned gpu_state.tgz over bench/runs/gpu_state.tgz and commit it: the next start resumes
-# from it. Keep inductor.tgz as .gpu_cache/inductor.tgz (git-ignored, not committed: binaries for one
+# from it. Keep inductor.tgz (or its parts, joined with cat) as .gpu_cache/inductor.tgz (git-ignored, not committed: binaries for one
 # torch/GPU pair): the next session's staging carries it, and its first case compiles from cache (~190 s
 # of compiling in a fresh process, BENCHMARKS "SmolLM2").
 # JOB: p4 = CausalEdit, smollm2 preset, 5 MQuAKE-hard cases (issue P4); results = scripts/results.py
-# (P7: 5 methods x 20 cases, two judges, RESULTS.md into .gpu_state/); all = p4, then results.
+# --runs-only (P7: 5 methods x 20 cases; the judges and RESULTS.md then run on the CPU machine, from the
+# unpacked state: `python scripts/results.py --output_root .gpu_state/results --cache_dir .gpu_state/cache`,
+# so GPU time goes to edits only); all = p4, then results.
 # Every job resumes where its run folders stop; all share one bootstrap cache.
 set -u
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 P4=(python3 -m code_edit --editing_method CausalEdit --datatype MQuAKE-hard --model_type smollm2-135m-instruct
     --max_cases 5 --run_id h200 --output_root .gpu_state/out --cache_dir .gpu_state/cache)
-RESULTS=(python3 scripts/results.py --output_root .gpu_state/results --cache_dir .gpu_state/cache
-         --results .gpu_state/RESULTS.md)
+RESULTS=(python3 scripts/results.py --runs-only --output_root .gpu_state/results --cache_dir .gpu_state/cache)
 case "$1" in
   start)
     [ -d .gpu_state ] || { [ -f bench/runs/gpu_state.tgz ] && tar xzf bench/runs/gpu_state.tgz; }
@@ -37,6 +38,9 @@ case "$1" in
     tr '\r' '\n' < /tmp/gpu_job.log | grep -v '^\s*$' | grep -v -i 'warn\|online softmax\|split the reduction\|important use case' | tail -15;;
   pack) tar czf "$OUT/gpu_state.tgz" .gpu_state
         [ -d /tmp/inductor_cache ] && { tar czf "$OUT/inductor.tgz" -C /tmp/inductor_cache . 2>/dev/null || true; }
+        # a returned file may hold 16 MiB: a larger cache comes back in parts (cat inductor.tgz.part-* here)
+        if [ -f "$OUT/inductor.tgz" ] && [ "$(stat -c %s "$OUT/inductor.tgz")" -gt 16000000 ]; then
+          split -b 15000000 "$OUT/inductor.tgz" "$OUT/inductor.tgz.part-" && rm "$OUT/inductor.tgz"; fi
         ls -la "$OUT";;
   *) echo "usage: gpu_job.sh start JOB | wait SECONDS | pack"; exit 2;;
 esac

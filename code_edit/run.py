@@ -322,6 +322,14 @@ def prepare(args: Any) -> Prepared:
     return Prepared(cfg, method, model_type, exp_tag, units, info)
 
 
+def device_name(device: Any) -> str:
+    """The accelerator's name for the record ("NVIDIA H200"), or "cpu"."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
@@ -453,7 +461,8 @@ def _edit_units(args: Any, p: Prepared, run_dir: Path, mine: list[Unit], ranks: 
     units = p.units
     editor = (editor_factory or load_editor)(args, p, run_dir)
     if ranks.rank == 0:
-        info.update(device=str(editor.device), model_dtype=str(editor.model.lm_head.weight.dtype).removeprefix("torch."))
+        info.update(device=str(editor.device), model_dtype=str(editor.model.lm_head.weight.dtype).removeprefix("torch."),
+                    device_name=device_name(editor.device))
         atomic_write_json(run_dir / "meta" / "run_info.json", info)
     journal = Journal(run_dir, journal_name(ranks))
     from tqdm import tqdm

@@ -70,23 +70,49 @@ class _GreedyBatcher:
         return job.result
 
 
-def guided_choice(model: Any, prompt: list[int], choices: list[list[int]], end_id: int) -> int:
+@dataclass
+class PrefixKV:
+    """The keys and values of the last sequence a guided race fed. A judge's requests share long fixed
+    instructions (767 of ~800 tokens for a self-refutation verdict), so the next race prefills only the
+    tokens after the longest common prefix."""
+    tokens: list[int] = field(default_factory=list)
+    cache: Any = None
+
+
+def guided_choice(model: Any, prompt: list[int], choices: list[list[int]], end_id: int,
+                  kv: PrefixKV | None = None) -> int:
     """The index of the choice that greedy decoding writes when it may write only one of `choices`
     (token ids, each followed by `end_id`), as vLLM's guided_choice does at temperature 0: wherever the
-    choices still in the race differ, the allowed token with the highest logit wins. Tokens the race
-    forces are appended without a forward, so a race costs one forward per branch point on its path
-    (one for PASS/FAIL, three for the eight self-refutation verdicts)."""
+    choices still in the race differ, the allowed token with the highest logit wins. The tokens written
+    since the last branch point are fed as one chunk into a KV cache at the next, so a race costs about
+    one prompt forward; with `kv` (kept by the caller, one race at a time) only the part of the prompt
+    that differs from the previous race's."""
     import torch
+
+    from model.decoder import KVCache
 
     seqs = [c + [end_id] for c in choices]
     alive, out = list(range(len(seqs))), []
-    dev = model.lm_head.weight.device
+    w = model.lm_head.weight
+    kv = kv if kv is not None else PrefixKV()
+    need = len(prompt) + max(map(len, seqs))
+    c = kv.cache
+    if c is None or c.length < need or c.k[0].dtype != w.dtype or c.k[0].device != w.device:
+        kv.cache, kv.tokens = KVCache.empty(model.config, 1, max(need, 2048), w.dtype, w.device), []
+    common = next((i for i, (x, y) in enumerate(zip(kv.tokens, prompt)) if x != y), min(len(kv.tokens), len(prompt)))
+    fed = min(common, len(prompt) - 1)  # slots [0, fed) hold this prompt's keys; the last token gives logits
+    kv.tokens = kv.tokens[:fed]
     while len(alive) > 1:
         allowed = sorted({seqs[i][len(out)] for i in alive})
         if len(allowed) > 1:
+            seq = prompt + out
+            S = len(seq)
+            mask = torch.ones(S - fed, S, dtype=torch.bool, device=w.device).tril(diagonal=fed)[None, None]
+            idx = torch.arange(fed, S, device=w.device)
             with torch.inference_mode():
-                h = model.hidden(torch.tensor([prompt + out], device=dev))[0, -1]
+                h = model.run(torch.tensor([seq[fed:]], device=w.device), idx[None], mask, kv.cache, idx)[0, -1]
                 logits = model.lm_head(h).float()
+            fed, kv.tokens = S, seq
             tok = allowed[int(logits[allowed].argmax())]
         else:
             tok = allowed[0]
@@ -102,6 +128,7 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
     `max_new_tokens`. Only n=1 and stream=false are supported."""
     lock = threading.Lock()
     greedy = _GreedyBatcher(model, lock, list(tokenizer.eos_ids))
+    prefix = PrefixKV()  # guided races run one at a time (under `lock`), each after the previous one's prompt
 
     def complete(body: dict) -> dict:
         from model import generate  # lazy: importing eval must not need the model stack
@@ -133,7 +160,7 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
             if len({tuple(e) for e in encoded}) < len(encoded):
                 raise _BadRequest("two 'guided_choice' strings encode to the same tokens")
             with lock:
-                k = guided_choice(model, ids, encoded, tokenizer.eos_ids[0] if tokenizer.eos_ids else 0)
+                k = guided_choice(model, ids, encoded, tokenizer.eos_ids[0] if tokenizer.eos_ids else 0, prefix)
             return response(choices[k], "stop", len(ids), len(encoded[k]))
         if temp == 0.0:
             c = greedy(ids, int(max_tokens))
@@ -196,9 +223,12 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
                 log.exception("generation failed")
                 self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), Handler)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 refuses connections when a judge opens 32 at once
 
 
 def serve(source: str, *, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int = 1024,

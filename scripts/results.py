@@ -4,6 +4,7 @@ rule-based judge and by a local LLM judge that `python -m eval serve` puts behin
 
 Every step resumes (run id "results"; judge and analysis checkpoints), so the command can be repeated
 after an interruption. GPU:  python scripts/results.py        CPU smoke:  python scripts/results.py --small
+Edits on a GPU, judges elsewhere: `--runs-only` there, then the plain command where the run folders are.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output_root", default="./output/results")
     ap.add_argument("--cache_dir", default=None, help="bootstrap candidate cache (python -m code_edit's default)")
     ap.add_argument("--results", default=str(ROOT / "RESULTS.md"), help="the report to write")
+    ap.add_argument("--runs-only", action="store_true", help="edit and evaluate every method, then stop: no "
+                    "judges, no report (judge where the run folders are copied to, with the plain command)")
     ap.add_argument("--judge-model", default=None, help="what `eval serve` loads as the local judge (default: "
                                                         "smollm2-135m-instruct; tiny-random with --small)")
     a = ap.parse_args(argv)
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         except RunError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if a.runs_only:
+        return 0
 
     for judge in JUDGES:
         with (local_judge(judge_model, small=a.small) if judge == "local" else _nothing()) as flags:
@@ -148,12 +153,23 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
            argv: list[str] | None) -> str:
     from eval.files import read_json
 
-    def device() -> str:
+    def judge_device() -> str:  # where local_judge's `eval serve` ran: this machine's default device
         import torch
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (float32)"
+
+    def edit_devices() -> str:
+        names = {m: (i.get("device_name") or i.get("device") or "?") for m, (d, _) in runs.items()
+                 for i in [read_json(d / "meta" / "run_info.json", f"{m} run_info.json")]}
+        if len(set(names.values())) == 1:
+            return next(iter(names.values()))
+        groups: dict[str, list[str]] = {}
+        for m, n in names.items():
+            groups.setdefault(n, []).append(m)
+        return ", ".join(f"{n} ({', '.join(ms)})" for n, ms in groups.items())  # runs older than device_name: "cuda:0"
 
     lines = [f"# Results: {model_type} on MQuAKE-hard (cases with causal articles)", "",
-             f"Date {dt.date.today().isoformat()}; device {device()}; command `python scripts/results.py "
+             f"Date {dt.date.today().isoformat()}; edits ran on {edit_devices()}, the local judge on "
+             f"{judge_device()}; command `python scripts/results.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`. H-Acc: hop-wise accuracy; M-Acc: a case "
              "passes when any of its 3 multi-hop questions does; SRR: self-refutation rate among rewrites whose "
              "answer stated the new fact. All in %.", "",
@@ -187,6 +203,9 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
               "well-formed verdicts (`--guided-choice`: it picks a verdict without writing its reasoning). Run folders: "
               + ", ".join(f"`{d}`" for d, _ in runs.values()) + "."]
     lines += verdicts + timing
+    lines += ["", "Each method's run, as `python scripts/results.py` starts it (it resumes, so a repeat or a "
+              "`--runs-only` call on another machine runs the same):", ""]
+    lines += [f"- {m}: `python -m code_edit {' '.join(argv_run)}`" for m, (_, argv_run) in runs.items()]
     if small:
         lines += ["", "Smoke run (--small): a random tiny model and a random judge; the numbers mean nothing."]
     else:

@@ -61,6 +61,7 @@ def test_every_method_writes_every_file(tmp_path, method, tag, capsys):
     info = json.loads((d / "meta" / "run_info.json").read_text())
     assert info["status"] == "finished" and info["units_done"] == info["units_total"] == 1
     assert info["hparams"]["eval"]["max_new_tokens"] == 6 and info["method"] == method
+    assert (info["device"], info["device_name"]) == ("cpu", "cpu")  # the report names the machine from these
     out = capsys.readouterr().out
     assert f"{method}: 1 cases" in out and "eval" in out
 

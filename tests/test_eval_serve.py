@@ -194,22 +194,37 @@ def naive_guided(model, prompt, choices, end_id):
 
 
 def test_guided_choice_matches_naive_constrained_greedy(tok):
-    from eval.serve import guided_choice
+    from eval.prompts import SELF_REFUTE_CHOICES
+    from eval.serve import PrefixKV, guided_choice
 
     model = load_model("tiny-random", device="cpu")
     end = tok.eos_ids[0]
     gen = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(5, tok.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
     lists = [["PASS", "FAIL"], ["yes", "yes sir", "no"], ["<verification>PASS</verification>",
-                                                            "<verification>FAIL</verification>"]]
-    picked = set()
-    for trial in range(12):
-        prompt = torch.randint(5, tok.vocab_size, (int(torch.randint(3, 40, (1,), generator=gen)),),
-                               generator=gen).tolist()
+                                                            "<verification>FAIL</verification>"],
+             list(SELF_REFUTE_CHOICES)]  # eight verdicts: three branch points, forced runs between them
+    shared = rand(30)  # like a judge's fixed instructions: the kept keys/values serve the next prompt
+    prompts = [rand(int(torch.randint(3, 40, (1,), generator=gen))) for _ in range(6)]
+    prompts += [shared + rand(int(torch.randint(1, 20, (1,), generator=gen))) for _ in range(6)]
+    prompts += [shared, shared[:12], shared + rand(2100)]  # the same, a prefix of the last one, a longer cache
+    kv, picked = PrefixKV(), set()
+    for trial, prompt in enumerate(prompts):
         for texts in lists:
             enc = [tok.encode(t) for t in texts]
-            k = guided_choice(model, prompt, enc, end)
-            assert k == naive_guided(model, prompt, enc, end), (trial, texts)
-            picked.add((tuple(texts), k))
+            want = naive_guided(model, prompt, enc, end)
+            assert guided_choice(model, prompt, enc, end) == want, (trial, texts)
+            assert guided_choice(model, prompt, enc, end, kv) == want, (trial, texts, "reused prefix")
+            picked.add((tuple(texts), want))
+    assert kv.cache.length >= 2100 + len(shared)
+    fed = []  # what each forward gets: after a race on shared + A, one on shared + B prefills only B
+    real_run = model.run
+    model.run = lambda ids, *a, **k: fed.append(ids.shape[1]) or real_run(ids, *a, **k)
+    a, b = shared + rand(5), shared + rand(7)
+    guided_choice(model, a, [tok.encode("PASS"), tok.encode("FAIL")], end, kv)
+    fed.clear()
+    guided_choice(model, b, [tok.encode("PASS"), tok.encode("FAIL")], end, kv)
+    assert fed[0] <= 7 and sum(fed) < len(shared)
     assert len({k for t, k in picked if t == tuple(lists[1])}) > 1  # the race is decided by the model, not fixed
 
 

@@ -12,10 +12,15 @@ def test_results_small(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "RESULTS.md"
-    assert mod.main(["--small", "--methods", "PreEdited", "--output_root", str(tmp_path / "runs"),
-                     "--results", str(out)]) == 0
-    text = out.read_text()
+    common = ["--small", "--methods", "PreEdited", "--output_root", str(tmp_path / "runs"), "--results", str(out)]
+    assert mod.main(common + ["--runs-only"]) == 0  # the edits (on a GPU, say) without judges or report
     run = next((tmp_path / "runs").glob("MQuAKE-hard/tiny/PreEdited/*/*_results"))
+    assert (run / "metrics.json").exists() and not (run / "results").exists() and not out.exists()
+    assert mod.main(common) == 0  # elsewhere: resumes the finished run, judges it, writes the report
+    text = out.read_text()
+    assert len(list((tmp_path / "runs").glob("MQuAKE-hard/tiny/PreEdited/*/*_results"))) == 1
+    assert "edits ran on cpu, the local judge on CPU (float32)" in text
+    assert "- PreEdited: `python -m code_edit --editing_method PreEdited --datatype MQuAKE-hard" in text
     rule = json.loads((run / "results" / "rule-based" / "judge_summary.json").read_text())
     local = json.loads((run / "results" / "local" / "judge_summary.json").read_text())
     assert rule["judge"] == "rule-based" and rule["items"]["ERROR"] == 0
