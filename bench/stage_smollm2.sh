@@ -17,7 +17,7 @@ IND=0
 [ -f .gpu_cache/inductor.tgz ] && IND=$(stat -c %s .gpu_cache/inductor.tgz)
 HALF=$(( SIZE / 2 ))
 if [ "$IND" -gt 0 ] && [ $(( CALL - IND )) -ge $(( SIZE - CALL + 200000 )) ]; then
-  PART0=$(( CALL - IND ))  # call 1 takes the cache and less of the model, call 2 the rest
+  PART0=$(( CALL - IND - 65536 ))  # call 1 takes the cache and less of the model (64 KiB: its script), call 2 the rest
   [ $PART0 -gt $HALF ] && PART0=$HALF
 else
   [ "$IND" -gt 0 ] && echo "inductor cache ($IND bytes) does not fit beside the model; staging without it"
