@@ -149,6 +149,20 @@ def agreement(run_dir: Path, judge_ids: tuple[str, str]) -> float | None:
     return sum(a[k] == b[k] for k in both) / len(both) if both else None
 
 
+def edit_devices(runs: dict[str, tuple[Path, list[str]]]) -> str:
+    """Where each run edited, from its meta/run_info.json: one name, or the methods grouped by device."""
+    from eval.files import read_json
+
+    names = {m: i.get("device_name") or f"{i.get('device', '?')} (name not recorded)" for m, (d, _) in runs.items()
+             for i in [read_json(d / "meta" / "run_info.json", f"{m} run_info.json")]}
+    if len(set(names.values())) == 1:
+        return next(iter(names.values()))
+    groups: dict[str, list[str]] = {}
+    for m, n in names.items():
+        groups.setdefault(n, []).append(m)
+    return "; ".join(f"{', '.join(ms)} on {n}" for n, ms in groups.items())
+
+
 def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_model: str, small: bool,
            argv: list[str] | None) -> str:
     from eval.files import read_json
@@ -157,18 +171,8 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
         import torch
         return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (float32)"
 
-    def edit_devices() -> str:
-        names = {m: (i.get("device_name") or i.get("device") or "?") for m, (d, _) in runs.items()
-                 for i in [read_json(d / "meta" / "run_info.json", f"{m} run_info.json")]}
-        if len(set(names.values())) == 1:
-            return next(iter(names.values()))
-        groups: dict[str, list[str]] = {}
-        for m, n in names.items():
-            groups.setdefault(n, []).append(m)
-        return ", ".join(f"{n} ({', '.join(ms)})" for n, ms in groups.items())  # runs older than device_name: "cuda:0"
-
     lines = [f"# Results: {model_type} on MQuAKE-hard (cases with causal articles)", "",
-             f"Date {dt.date.today().isoformat()}; edits ran on {edit_devices()}, the local judge on "
+             f"Date {dt.date.today().isoformat()}; edits ran on {edit_devices(runs)}; the local judge ran on "
              f"{judge_device()}; command `python scripts/results.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`. H-Acc: hop-wise accuracy; M-Acc: a case "
              "passes when any of its 3 multi-hop questions does; SRR: self-refutation rate among rewrites whose "

@@ -19,7 +19,7 @@ def test_results_small(tmp_path, capsys):
     assert mod.main(common) == 0  # elsewhere: resumes the finished run, judges it, writes the report
     text = out.read_text()
     assert len(list((tmp_path / "runs").glob("MQuAKE-hard/tiny/PreEdited/*/*_results"))) == 1
-    assert "edits ran on cpu, the local judge on CPU (float32)" in text
+    assert "edits ran on cpu; the local judge ran on CPU (float32)" in text
     assert "- PreEdited: `python -m code_edit --editing_method PreEdited --datatype MQuAKE-hard" in text
     rule = json.loads((run / "results" / "rule-based" / "judge_summary.json").read_text())
     local = json.loads((run / "results" / "local" / "judge_summary.json").read_text())
@@ -57,3 +57,18 @@ def test_full_report_says_what_the_small_model_can_show():
     assert "## What a 135M model can and cannot show" in text and "Smoke run" not in text
     small = mod.report({}, model_type="tiny", judge_model="tiny-random", small=True, argv=["--small"])
     assert "Smoke run" in small and "can and cannot show" not in small
+
+
+def test_edit_devices_names_each_runs_machine(tmp_path):
+    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    infos = {"A": {"device": "cuda:0", "device_name": "NVIDIA H200"}, "B": {"device": "cuda:0"},
+             "C": {"device": "cuda:0", "device_name": "NVIDIA H200"}}
+    runs = {}
+    for m, info in infos.items():
+        (tmp_path / m / "meta").mkdir(parents=True)
+        (tmp_path / m / "meta" / "run_info.json").write_text(json.dumps(info))
+        runs[m] = (tmp_path / m, [])
+    assert mod.edit_devices(runs) == "A, C on NVIDIA H200; B on cuda:0 (name not recorded)"
+    assert mod.edit_devices({"A": runs["A"], "C": runs["C"]}) == "NVIDIA H200"
