@@ -4,7 +4,8 @@ rule-based judge and by a local LLM judge that `python -m eval serve` puts behin
 
 Every step resumes (run id "results"; judge and analysis checkpoints), so the command can be repeated
 after an interruption. GPU:  python scripts/results.py        CPU smoke:  python scripts/results.py --small
-Edits on a GPU, judges elsewhere: `--runs-only` there, then the plain command where the run folders are.
+Edits on a GPU, judges elsewhere: `--runs-only` there, then the plain command where the run folders are;
+`--judge-only` judges and reports the run folders as they stand (a run not finished shows N of M cases).
 """
 from __future__ import annotations
 
@@ -36,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(ROOT / "RESULTS.md"), help="the report to write")
     ap.add_argument("--runs-only", action="store_true", help="edit and evaluate every method, then stop: no "
                     "judges, no report (judge where the run folders are copied to, with the plain command)")
+    ap.add_argument("--judge-only", action="store_true", help="edit nothing: judge and report the run folders "
+                    "as they stand (an unfinished run is reported with the cases it has, marked N of M)")
     ap.add_argument("--judge-model", default=None, help="what `eval serve` loads as the local judge (default: "
                                                         "smollm2-135m-instruct; tiny-random with --small)")
     a = ap.parse_args(argv)
+    if a.runs_only and a.judge_only:
+        ap.error("--runs-only and --judge-only exclude each other")
 
     from code_edit.__main__ import build_parser
     from code_edit.run import RunError, execute
@@ -57,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             argv_run += ["--cache_dir", a.cache_dir]
         print(f"\n=== {method}: {model_type} on MQuAKE-hard, {n} case(s) ===", flush=True)
         try:
-            runs[method] = (execute(build_parser().parse_args(argv_run)), argv_run)
+            args_run = build_parser().parse_args(argv_run)
+            runs[method] = (existing_run(args_run) if a.judge_only else execute(args_run), argv_run)
         except RunError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -75,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, a.results)
     print(text)
     return 0
+
+
+def existing_run(args: argparse.Namespace) -> Path:
+    """The folder `execute(args)` would resume, without opening it; it must hold finished cases."""
+    from code_edit.run import RunError, planned_dir, prepare
+
+    parent, prefix = planned_dir(args, prepare(args))
+    d = parent / f"{prefix}{args.run_id}"
+    if not (d / "metrics.json").exists():
+        raise RunError(f"{d}: no metrics.json (no finished case) to judge; run without --judge-only first")
+    return d
 
 
 @contextmanager
@@ -124,15 +141,27 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def stage_table(records: list[dict]) -> tuple[dict[str, float], float]:
-    """Mean seconds per case of each stage, and the largest peak GPU memory (GiB) of any stage."""
+def from_cache(record: dict) -> bool:
+    """Whether a case's bootstrap took every candidate from the candidate cache (sampled nothing)."""
+    b = (record.get("edit_stats") or {}).get("bootstrap") or {}
+    return bool(b.get("selected")) and b.get("from_cache") == b.get("selected")
+
+
+def stage_table(records: list[dict]) -> tuple[dict[str, float], float, int]:
+    """Mean seconds per case of each stage, the largest peak GPU memory (GiB) of any stage, and how many
+    cases took their bootstrap from the cache (left out of the bootstrap mean: ~0 s, nothing sampled)."""
     names: list[str] = []
     for r in records:
         names += [s for s in r.get("stages", {}) if s not in names]
-    means = {s: sum(r["stages"][s]["seconds"] for r in records if s in r.get("stages", {})) /
-             max(1, sum(s in r.get("stages", {}) for r in records)) for s in names}
+    cached = sum(map(from_cache, records))
+    means = {}
+    for s in names:
+        xs = [r["stages"][s]["seconds"] for r in records if s in r.get("stages", {})
+              and not (s == "bootstrap" and from_cache(r))]
+        if xs:
+            means[s] = sum(xs) / len(xs)
     peak = max((v["peak_gpu_mem_bytes"] for r in records for v in r.get("stages", {}).values()), default=0)
-    return means, peak / 2**30
+    return means, peak / 2**30, cached
 
 
 def agreement(run_dir: Path, judge_ids: tuple[str, str]) -> float | None:
@@ -185,6 +214,8 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
                 "|---|---:|---:|---:|---:|---:|"]
     timing = ["", "Seconds per case by stage (mean) and peak GPU memory:", "",
               "| method | " + " | ".join(STAGES) + " | peak GiB |", "|---|" + "---:|" * (len(STAGES) + 1)]
+    unfinished: list[str] = []
+    cached_note: list[str] = []
     for method, (run_dir, argv_run) in runs.items():
         cells, summaries = [], {}
         for judge in JUDGES:
@@ -194,18 +225,33 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
             cells += [_pct(j["overall_hop_wise_average"]), _pct(j["accuracy_averages"]["any_right_accuracy"]),
                       _pct(an["summary"]["SRR"]["rate"])]
         records = read_json(run_dir / "metrics.json", f"{method} metrics.json")
-        lines.append(f"| {method} | {len(records)} | " + " | ".join(cells) + " |")
+        planned = sum(len(u["case_ids"]) for u in read_json(run_dir / "requests.json", f"{method} requests.json"))
+        if len(records) < planned:
+            unfinished.append(f"{method} ({len(records)} of {planned} cases)")
+        lines.append(f"| {method} | {len(records)}{f' of {planned}' if len(records) < planned else ''} | "
+                     + " | ".join(cells) + " |")
         rule, llm = summaries["rule-based"]["items"], summaries["local"]["items"]
         agree = agreement(run_dir, (summaries["rule-based"]["judge"], summaries["local"]["judge"]))
         verdicts.append(f"| {method} | {rule['total']} | {_pct(rule['PASS'] / rule['total'] if rule['total'] else None)} | "
                         f"{_pct(llm['PASS'] / llm['total'] if llm['total'] else None)} | {_pct(agree)} | {llm['ERROR']} |")
-        means, peak = stage_table(records)
+        means, peak, n_cached = stage_table(records)
+        if n_cached:
+            cached_note.append(f"{method} {n_cached} of {len(records)}")
         timing.append(f"| {method} | " + " | ".join(f"{means[s]:.1f}" if s in means else "-" for s in
                                                     STAGES)
                       + f" | {peak:.1f} |")
+    if unfinished:
+        lines += ["", "**Not finished when this was written:** " + ", ".join(unfinished) + ". Their rows and "
+                  "timings cover the finished cases only; rerun the command when the runs are done."]
     lines += ["", f"LLM judge: `{judge_model}` served by `python -m eval serve`, greedy and constrained to the "
               "well-formed verdicts (`--guided-choice`: it picks a verdict without writing its reasoning). Run folders: "
               + ", ".join(f"`{d}`" for d, _ in runs.values()) + "."]
+    if cached_note:
+        timing += ["", "The bootstrap mean leaves out the cases whose candidates all came from the bootstrap cache "
+                   "(written by an earlier run on the same cases; ~0 s): " + ", ".join(cached_note) + "."]
+    if not small:
+        timing += ["", "A fresh process also compiles (torch.compile) during its first case, and these means include "
+                   "that; BENCHMARKS.md \"SmolLM2\" has the steady-state seconds and the first-case cost."]
     lines += verdicts + timing
     lines += ["", "Each method's run, as `python scripts/results.py` starts it (it resumes, so a repeat or a "
               "`--runs-only` call on another machine runs the same):", ""]

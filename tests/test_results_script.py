@@ -47,6 +47,16 @@ def test_results_small(tmp_path, capsys):
     eval_s = sum(r["stages"]["eval"]["seconds"] for r in records) / len(records)
     assert [c.strip() for c in t_row.strip("|").split("|")][4] == f"{eval_s:.1f}"
 
+    # --judge-only reports the runs as they stand: one still going (here: a second case planned) says so
+    req = json.loads((run / "requests.json").read_text())
+    (run / "requests.json").write_text(json.dumps(req + [dict(req[0], unit="case-x", case_ids=[-1])]))
+    assert mod.main(common + ["--judge-only"]) == 0
+    text = out.read_text()
+    assert "| PreEdited | 1 of 2 |" in text and "Not finished when this was written:** PreEdited (1 of 2 cases)" in text
+    assert mod.main(["--small", "--methods", "PreEdited", "--output_root", str(tmp_path / "none"), "--results",
+                     str(tmp_path / "R2.md"), "--judge-only"]) == 2  # nothing to judge: an error, no report
+    assert "no metrics.json" in capsys.readouterr().err and not (tmp_path / "R2.md").exists()
+
 
 def test_full_report_says_what_the_small_model_can_show():
     spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
@@ -72,3 +82,17 @@ def test_edit_devices_names_each_runs_machine(tmp_path):
         runs[m] = (tmp_path / m, [])
     assert mod.edit_devices(runs) == "A, C on NVIDIA H200; B on cuda:0 (name not recorded)"
     assert mod.edit_devices({"A": runs["A"], "C": runs["C"]}) == "NVIDIA H200"
+
+
+def test_stage_table_leaves_cached_bootstraps_out_of_the_mean():
+    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    st = lambda sec, mem: {"seconds": sec, "peak_gpu_mem_bytes": mem}  # noqa: E731
+    sampled = {"stages": {"bootstrap": st(40.0, 3 * 2**30), "sft": st(60.0, 2**30)},
+               "edit_stats": {"bootstrap": {"selected": 100, "from_cache": 10}}}
+    cached = {"stages": {"bootstrap": st(0.1, 2**29), "sft": st(70.0, 2**30)},
+              "edit_stats": {"bootstrap": {"selected": 100, "from_cache": 100}}}
+    baseline = {"stages": {"eval": st(2.0, 2**30)}}
+    means, peak, n = mod.stage_table([sampled, cached, baseline])
+    assert means == {"bootstrap": 40.0, "sft": 65.0, "eval": 2.0} and peak == 3.0 and n == 1
