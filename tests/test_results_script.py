@@ -7,10 +7,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_results_small(tmp_path, capsys):
+def _script():
+    """scripts/results.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_small(tmp_path, capsys):
+    mod = _script()
     out = tmp_path / "RESULTS.md"
     common = ["--small", "--methods", "PreEdited", "--output_root", str(tmp_path / "runs"), "--results", str(out)]
     assert mod.main(common + ["--runs-only"]) == 0  # the edits (on a GPU, say) without judges or report
@@ -59,9 +65,7 @@ def test_results_small(tmp_path, capsys):
 
 
 def test_full_report_says_what_the_small_model_can_show():
-    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script()
     text = mod.report({}, model_type="smollm2-135m-instruct", judge_model="smollm2-135m-instruct", small=False,
                       argv=[])
     assert "## What a 135M model can and cannot show" in text and "Smoke run" not in text
@@ -70,9 +74,7 @@ def test_full_report_says_what_the_small_model_can_show():
 
 
 def test_edit_devices_names_each_runs_machine(tmp_path):
-    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script()
     infos = {"A": {"device": "cuda:0", "device_name": "NVIDIA H200"}, "B": {"device": "cuda:0"},
              "C": {"device": "cuda:0", "device_name": "NVIDIA H200"}}
     runs = {}
@@ -85,9 +87,7 @@ def test_edit_devices_names_each_runs_machine(tmp_path):
 
 
 def test_stage_table_leaves_cached_bootstraps_out_of_the_mean():
-    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script()
     st = lambda sec, mem: {"seconds": sec, "peak_gpu_mem_bytes": mem}  # noqa: E731
     sampled = {"stages": {"bootstrap": st(40.0, 3 * 2**30), "sft": st(60.0, 2**30)},
                "edit_stats": {"bootstrap": {"selected": 100, "from_cache": 10}}}
