@@ -164,6 +164,21 @@ def stage_table(records: list[dict]) -> tuple[dict[str, float], float, int]:
     return means, peak / 2**30, cached
 
 
+def answer_words(records: list[dict]) -> tuple[float | None, float | None]:
+    """Median length in words of the judged answers (hop-wise and multi-hop) and the fraction of at most 5
+    words: a one-word answer is what exact matching rewards, a reasoning chain is what it may miss."""
+    n = sorted(len(p["pred"].split()) for r in records for key in ("hop_wise_pred", "accuracy_pred")
+               for p in _flat(r.get("post", {}).get(key, [])))
+    if not n:
+        return None, None
+    mid = len(n) // 2
+    return (n[mid] if len(n) % 2 else (n[mid - 1] + n[mid]) / 2), sum(w <= 5 for w in n) / len(n)
+
+
+def _flat(items: list) -> list[dict]:
+    return [p for x in items for p in (_flat(x) if isinstance(x, list) else [x])]
+
+
 def agreement(run_dir: Path, judge_ids: tuple[str, str]) -> float | None:
     """The fraction of answers both judges decided (PASS/FAIL) on which they agree, from the run's judge
     checkpoint, where every judge appends its verdicts (the last row per answer counts)."""
@@ -209,9 +224,12 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
              "| method | cases | H-Acc rule | M-Acc rule | SRR rule | H-Acc LLM | M-Acc LLM | SRR LLM |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     verdicts = ["", "How often each judge said PASS over every judged answer, and how often the two agree (a "
-                "judge that passes nearly everything, or disagrees with exact string matches, cannot rank the methods):",
-                "", "| method | answers judged | PASS rule % | PASS LLM % | judges agree % | LLM errors |",
-                "|---|---:|---:|---:|---:|---:|"]
+                "judge that passes nearly everything, or disagrees with exact string matches, cannot rank the methods), "
+                "and how long the answers are (exact matching rewards a bare entity and may miss one inside a "
+                "reasoning chain):",
+                "", "| method | answers judged | PASS rule % | PASS LLM % | judges agree % | LLM errors | "
+                "median words | ≤ 5 words % |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
     timing = ["", "Seconds per case by stage (mean) and peak GPU memory:", "",
               "| method | " + " | ".join(STAGES) + " | peak GiB |", "|---|" + "---:|" * (len(STAGES) + 1)]
     unfinished: list[str] = []
@@ -231,9 +249,11 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
         lines.append(f"| {method} | {len(records)}{f' of {planned}' if len(records) < planned else ''} | "
                      + " | ".join(cells) + " |")
         rule, llm = summaries["rule-based"]["items"], summaries["local"]["items"]
+        words = answer_words(records)
         agree = agreement(run_dir, (summaries["rule-based"]["judge"], summaries["local"]["judge"]))
         verdicts.append(f"| {method} | {rule['total']} | {_pct(rule['PASS'] / rule['total'] if rule['total'] else None)} | "
-                        f"{_pct(llm['PASS'] / llm['total'] if llm['total'] else None)} | {_pct(agree)} | {llm['ERROR']} |")
+                        f"{_pct(llm['PASS'] / llm['total'] if llm['total'] else None)} | {_pct(agree)} | {llm['ERROR']} | "
+                        f"{'n/a' if words[0] is None else f'{words[0]:g}'} | {_pct(words[1])} |")
         means, peak, n_cached = stage_table(records)
         if n_cached:
             cached_note.append(f"{method} {n_cached} of {len(records)}")
@@ -277,8 +297,15 @@ SCALE_NOTE = [
     "cases one case moves M-Acc by 5 points. The local judge is the same 135M model: it is a weak judge (left "
     "to write freely it rarely produced a parseable verdict, hence the constrained choice; constrained, it failed "
     "answers that equal the gold reference in a CPU trial). Where the agreement column is near or below chance, "
-    "the LLM columns measure the judge, not the methods, and the rule-based columns are the reading to use. SRR counts only rewrites whose answer stated the new fact, "
-    "which may be few here.",
+    "the LLM columns measure the judge, not the methods, and the rule-based columns are the reading to use. SRR "
+    "counts only rewrites whose answer stated the new fact, which may be few here.",
+    "",
+    "Answer form matters as much as the edit. LoRA and CaKE fine-tune on the bare answer to each edit's own "
+    "question, so they answer in a word or two, which exact matching rewards on the edited hop, asked much as they were trained on it. "
+    "CausalEdit's targets are the model's own open-book reasoning chains, and InContext and "
+    "PreEdited are the untouched model, so they answer in paragraphs; at 135M those often drift before, or "
+    "without, naming an entity. The answer-length columns above say which kind each row is; compare rule-based "
+    "rows of the same kind.",
 ]
 
 

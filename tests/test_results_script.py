@@ -2,6 +2,7 @@
 served tiny-random model on 127.0.0.1), and RESULTS.md's rows checked against the files they come from."""
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,10 +46,15 @@ def test_results_small(tmp_path, capsys):
         by.setdefault(r["judge_id"], {})[r["key"]] = r["result"]
     a, b = by["rule-based"], by["llm:tiny-random:guided"]
     agree = sum(a[k] == b[k] for k in a) / len(a)
+    records = json.loads((run / "metrics.json").read_text())
+    # answer lengths from the records' hop-wise and multi-hop answers, counted here with statistics.median
+    words = [len(p["pred"].split()) for r in records for hop in r["post"]["hop_wise_pred"] for p in hop]
+    words += [len(p["pred"].split()) for r in records for p in r["post"]["accuracy_pred"]]
+    assert len(words) == rule["items"]["total"]  # the judged answers, one each
     assert [c.strip() for c in v_row.strip("|").split("|")] == [
         "PreEdited", str(rule["items"]["total"]), f"{100 * rule['items']['PASS'] / rule['items']['total']:.1f}",
-        f"{100 * local['items']['PASS'] / local['items']['total']:.1f}", f"{100 * agree:.1f}", "0"]
-    records = json.loads((run / "metrics.json").read_text())
+        f"{100 * local['items']['PASS'] / local['items']['total']:.1f}", f"{100 * agree:.1f}", "0",
+        f"{statistics.median(words):g}", f"{100 * sum(w <= 5 for w in words) / len(words):.1f}"]
     t_row = [line for line in text.splitlines() if line.startswith("| PreEdited |")][2]
     eval_s = sum(r["stages"]["eval"]["seconds"] for r in records) / len(records)
     assert [c.strip() for c in t_row.strip("|").split("|")][4] == f"{eval_s:.1f}"
@@ -96,3 +102,15 @@ def test_stage_table_leaves_cached_bootstraps_out_of_the_mean():
     baseline = {"stages": {"eval": st(2.0, 2**30)}}
     means, peak, n = mod.stage_table([sampled, cached, baseline])
     assert means == {"bootstrap": 40.0, "sft": 65.0, "eval": 2.0} and peak == 3.0 and n == 1
+
+
+def test_answer_words_counts_hop_and_multi_hop_answers():
+    mod = _script()
+    a = lambda text: {"pred": text}  # noqa: E731
+    rec1 = {"post": {"hop_wise_pred": [[a("Paris"), a("it is in France")], [a("one two three four five six")]],
+                     "accuracy_pred": [a("Berlin")]}}
+    rec2 = {"post": {"hop_wise_pred": [[a("")]], "accuracy_pred": []}}
+    # word counts 1, 4, 6, 1, 0 -> sorted 0 1 1 4 6: median 1, four of five at most 5 words
+    assert mod.answer_words([rec1, rec2]) == (1, 0.8)
+    assert mod.answer_words([rec1]) == (2.5, 0.75)  # 1 1 4 6
+    assert mod.answer_words([{"stages": {}}]) == (None, None)
