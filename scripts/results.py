@@ -166,7 +166,8 @@ def stage_table(records: list[dict]) -> tuple[dict[str, float], float, int]:
 
 def answer_words(records: list[dict]) -> tuple[float | None, float | None]:
     """Median length in words of the judged answers (hop-wise and multi-hop) and the fraction of at most 5
-    words: a one-word answer is what exact matching rewards, a reasoning chain is what it may miss."""
+    words: a bare answer either is the entity or is not; a reasoning chain passes the string match only where
+    it names one (the rule-based judge asks whether a reference is a substring of the answer)."""
     n = sorted(len(p["pred"].split()) for r in records for key in ("hop_wise_pred", "accuracy_pred")
                for p in _flat(r.get("post", {}).get(key, [])))
     if not n:
@@ -224,9 +225,9 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
              "| method | cases | H-Acc rule | M-Acc rule | SRR rule | H-Acc LLM | M-Acc LLM | SRR LLM |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     verdicts = ["", "How often each judge said PASS over every judged answer, and how often the two agree (a "
-                "judge that passes nearly everything, or disagrees with exact string matches, cannot rank the methods), "
-                "and how long the answers are (exact matching rewards a bare entity and may miss one inside a "
-                "reasoning chain):",
+                "judge that passes nearly everything, or disagrees with string matches, cannot rank the methods), "
+                "and how long the answers are (the rule-based judge passes an answer that contains a reference "
+                "answer: a bare entity is judged on the entity, a long chain on whether it names one anywhere):",
                 "", "| method | answers judged | PASS rule % | PASS LLM % | judges agree % | LLM errors | "
                 "median words | ≤ 5 words % |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -301,9 +302,9 @@ SCALE_NOTE = [
     "the LLM columns measure the judge, not the methods, and the rule-based columns are the reading to use. SRR "
     "counts only rewrites whose answer stated the new fact, which may be few here.",
     "",
-    "Answer form matters as much as the edit. LoRA and CaKE fine-tune on the bare answer to each edit's own "
-    "question, so they answer in a word or two, which exact matching rewards on the edited hop, asked much as they were trained on it. "
-    "CausalEdit's targets are the model's own open-book reasoning chains, and InContext and "
+    "Answer form shapes the rule-based columns. LoRA and CaKE fine-tune on the bare answer to each edit's own "
+    "question, so they answer in a word or two, and on the edited hop, asked much as they were trained on it, "
+    "that word is usually the new answer. CausalEdit's targets are the model's own open-book reasoning chains, and InContext and "
     "PreEdited are the untouched model, so they answer in paragraphs; at 135M those often drift before, or "
     "without, naming an entity. The answer-length columns above say which kind each row is; compare rule-based "
     "rows of the same kind.",
