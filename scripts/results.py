@@ -253,9 +253,10 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
         rule, llm = summaries["rule-based"]["items"], summaries["local"]["items"]
         words = answer_words(records)
         agree = agreement(run_dir, (summaries["rule-based"]["judge"], summaries["local"]["judge"]))
-        verdicts.append(f"| {method} | {rule['total']} | {_pct(rule['PASS'] / rule['total'] if rule['total'] else None)} | "
-                        f"{_pct(llm['PASS'] / llm['total'] if llm['total'] else None)} | {_pct(agree)} | {llm['ERROR']} | "
-                        f"{'n/a' if words[0] is None else f'{words[0]:g}'} | {_pct(words[1])} |")
+        share = [_pct(j["PASS"] / j["total"] if j["total"] else None) for j in (rule, llm)]
+        median = "n/a" if words[0] is None else f"{words[0]:g}"
+        verdicts.append(f"| {method} | {rule['total']} | {share[0]} | {share[1]} | {_pct(agree)} | {llm['ERROR']} | "
+                        f"{median} | {_pct(words[1])} |")
         means, peak, n_cached = stage_table(records)
         if n_cached:
             cached_note.append(f"{method} {n_cached} of {len(records)}")
@@ -304,10 +305,10 @@ SCALE_NOTE = [
     "",
     "Answer form shapes the rule-based columns. LoRA and CaKE fine-tune on the bare answer to each edit's own "
     "question, so they answer in a word or two, and on the edited hop, asked much as they were trained on it, "
-    "that word is usually the new answer. CausalEdit's targets are the model's own open-book reasoning chains, and InContext and "
-    "PreEdited are the untouched model, so they answer in paragraphs; at 135M those often drift before, or "
-    "without, naming an entity. The answer-length columns above say which kind each row is; compare rule-based "
-    "rows of the same kind.",
+    "that word is usually the new answer. CausalEdit's targets are the model's own open-book reasoning chains, "
+    "and InContext and PreEdited are the untouched model, so they answer in paragraphs; at 135M those often "
+    "drift before, or without, naming an entity. The answer-length columns above say which kind each row is; "
+    "compare rule-based rows of the same kind.",
 ]
 
 
