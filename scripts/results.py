@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -168,16 +169,10 @@ def answer_words(records: list[dict]) -> tuple[float | None, float | None]:
     """Median length in words of the judged answers (hop-wise and multi-hop) and the fraction of at most 5
     words: a bare answer either is the entity or is not; a reasoning chain passes the string match only where
     it names one (the rule-based judge asks whether a reference is a substring of the answer)."""
-    n = sorted(len(p["pred"].split()) for r in records for key in ("hop_wise_pred", "accuracy_pred")
-               for p in _flat(r.get("post", {}).get(key, [])))
-    if not n:
-        return None, None
-    mid = len(n) // 2
-    return (n[mid] if len(n) % 2 else (n[mid - 1] + n[mid]) / 2), sum(w <= 5 for w in n) / len(n)
+    from eval.judge import judge_items
 
-
-def _flat(items: list) -> list[dict]:
-    return [p for x in items for p in (_flat(x) if isinstance(x, list) else [x])]
+    n = [len(it.pred.split()) for it in judge_items(records)]
+    return (statistics.median(n), sum(w <= 5 for w in n) / len(n)) if n else (None, None)
 
 
 def agreement(run_dir: Path, judge_ids: tuple[str, str]) -> float | None:

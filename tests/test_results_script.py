@@ -106,11 +106,11 @@ def test_stage_table_leaves_cached_bootstraps_out_of_the_mean():
 
 def test_answer_words_counts_hop_and_multi_hop_answers():
     mod = _script()
-    a = lambda text: {"pred": text}  # noqa: E731
-    rec1 = {"post": {"hop_wise_pred": [[a("Paris"), a("it is in France")], [a("one two three four five six")]],
-                     "accuracy_pred": [a("Berlin")]}}
-    rec2 = {"post": {"hop_wise_pred": [[a("")]], "accuracy_pred": []}}
+    a = lambda text: {"prompt": "q", "ref": ["x"], "pred": text}  # noqa: E731
+    rec1 = {"case_id": 1, "post": {"hop_wise_pred": [[a("Paris"), a("it is in France")],
+                                                     [a("one two three four five six")]], "accuracy_pred": [a("Berlin")]}}
+    rec2 = {"case_id": 2, "post": {"hop_wise_pred": [[a("")]], "accuracy_pred": []}}
     # word counts 1, 4, 6, 1, 0 -> sorted 0 1 1 4 6: median 1, four of five at most 5 words
     assert mod.answer_words([rec1, rec2]) == (1, 0.8)
     assert mod.answer_words([rec1]) == (2.5, 0.75)  # 1 1 4 6
-    assert mod.answer_words([{"stages": {}}]) == (None, None)
+    assert mod.answer_words([{"case_id": 3, "post": {}}]) == (None, None)
