@@ -7,13 +7,13 @@
 #   bash bench/gpu_job.sh pack        write .gpu_state to $OUT/gpu_state.tgz, torch.compile's cache to
 #                                     $OUT/inductor.tgz
 # Here, copy the returned gpu_state.tgz over bench/runs/gpu_state.tgz and commit it: the next start resumes
-# from it. Keep inductor.tgz (or its parts, joined with cat) as .gpu_cache/inductor.tgz (git-ignored, not committed: binaries for one
-# torch/GPU pair): the next session's staging carries it, and its first case compiles from cache (~190 s
-# of compiling in a fresh process, BENCHMARKS "SmolLM2").
+# from it. Keep inductor.tgz (or its parts, joined with cat) as .gpu_cache/inductor.tgz (git-ignored, not
+# committed: binaries for one torch/GPU pair): the next session's staging carries it, and a fresh process's
+# first case then pays ~105 s of compiling instead of ~254 s (BENCHMARKS "The P7 results run").
 # JOB: p4 = CausalEdit, smollm2 preset, 5 MQuAKE-hard cases (issue P4); results = scripts/results.py
 # --runs-only (P7: 5 methods x 20 cases; the judges and RESULTS.md then run on the CPU machine, from the
-# unpacked state: `python scripts/results.py --output_root .gpu_state/results --cache_dir .gpu_state/cache`,
-# so GPU time goes to edits only); all = p4, then results.
+# unpacked state: `python scripts/results.py --judge-only --output_root .gpu_state/results --cache_dir
+# .gpu_state/cache`, which never edits there, so GPU time goes to edits only); all = p4, then results.
 # Every job resumes where its run folders stop; all share one bootstrap cache.
 set -u
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache

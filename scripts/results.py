@@ -241,10 +241,10 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_mo
                       _pct(an["summary"]["SRR"]["rate"])]
         records = read_json(run_dir / "metrics.json", f"{method} metrics.json")
         planned = sum(len(u["case_ids"]) for u in read_json(run_dir / "requests.json", f"{method} requests.json"))
-        if len(records) < planned:
-            unfinished.append(f"{method} ({len(records)} of {planned} cases)")
-        lines.append(f"| {method} | {len(records)}{f' of {planned}' if len(records) < planned else ''} | "
-                     + " | ".join(cells) + " |")
+        of = f" of {planned}" if len(records) < planned else ""
+        if of:
+            unfinished.append(f"{method} ({len(records)}{of} cases)")
+        lines.append(f"| {method} | {len(records)}{of} | " + " | ".join(cells) + " |")
         rule, llm = summaries["rule-based"]["items"], summaries["local"]["items"]
         words = answer_words(records)
         agree = agreement(run_dir, (summaries["rule-based"]["judge"], summaries["local"]["judge"]))
