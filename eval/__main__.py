@@ -1,5 +1,6 @@
-"""Command line: `python -m eval judge | analyze | extract-ce | serve` (flags of METHOD.md 7.2).
-Judging uses an OpenAI-compatible endpoint when a key or --base-url is given, else the rule-based judge."""
+"""Command line: `python -m eval grade | judge | analyze | extract-ce | judge-agreement | serve` (the reference's
+flags of METHOD.md 7.2). Judging uses an OpenAI-compatible endpoint when a key or --base-url is given, else the
+strict offline grader (docs/grading.md)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ def _on_off(value: str) -> bool:
 
 
 def _judge_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("judge endpoint (no key and no --base-url: offline rule-based judge)")
+    g = p.add_argument_group("judge endpoint (no key and no --base-url: the strict offline grader)")
     g.add_argument("--judge-model", default=None, help="model name (default deepseek-v4-flash)")
     g.add_argument("--base-url", default=None,
                    help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default https://api.deepseek.com "
@@ -25,7 +26,10 @@ def _judge_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key-file", default=None,
                    help="file with one API key per line; else $CODE_EDIT_API_KEYS (comma-separated) or $OPENAI_API_KEY")
     g.add_argument("--max-workers", type=int, default=None, help="parallel requests (default 16 per key)")
-    g.add_argument("--rule-based", action="store_true", help="use the offline rule-based judge even if a key is set")
+    g.add_argument("--rule-based", action="store_true", help="use the strict offline grader even if a key is set")
+    g.add_argument("--substring", action="store_true",
+                   help="offline, the reference's rule instead: a gold alias anywhere in the answer (for comparison "
+                        "with published numbers; it credits 'NA' inside 'manager', see docs/grading.md)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--max-retries", type=int, default=6, help="retries per request on 429/5xx/timeouts")
     g.add_argument("--guided-choice", action="store_true",
@@ -37,9 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    gr = sub.add_parser("grade", help="strict-grade any answers: JSONL {id, question, answer, refs, old_refs?} in, "
+                                      "the same plus correct, asserts_old, rule out")
+    gr.add_argument("--input", required=True, help="input JSONL")
+    gr.add_argument("--output", required=True, help="output JSONL (written atomically)")
+
     j = sub.add_parser("judge", help="PASS/FAIL-judge hop-wise and multi-hop answers; H-Acc and M-Acc")
     j.add_argument("--input", required=True, help="<run>/metrics.json")
     j.add_argument("--summary", default=None, help="summary path (default <run>/judge/metrics.judged.summary.json)")
+    j.add_argument("--data_path", default=None,
+                   help="the run's MQuAKE json: old answers for runs whose answers do not record them (old_ref)")
     _judge_flags(j)
 
     a = sub.add_parser("analyze", help="self-refutation (SRR), rationale alignment, CE comparison")
@@ -55,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("extract-ce", help="write <run>_only_causal_enhanced/metrics.json from the CE probes")
     e.add_argument("--input", required=True, help="<run>/metrics.json")
 
+    ag = sub.add_parser("judge-agreement", help="each judge's agreement, precision and recall against the hand "
+                                                "labels (the strict grader, the substring rule, recorded judges, "
+                                                "and the endpoint when one is given)")
+    ag.add_argument("--labels", default=None, help="labelled JSONL (default tests/data/judge_validation.jsonl)")
+    ag.add_argument("--json", default=None, help="also write the table here as JSON")
+    _judge_flags(ag)
+
     s = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions server over a local model")
     s.add_argument("--model", required=True, help="HF directory, hub id, .gguf path or smollm2-135m-instruct")
     s.add_argument("--host", default="127.0.0.1")
@@ -69,26 +87,45 @@ def _backend(args: argparse.Namespace, *, llm: bool = True):
     from .judge import make_backend
     return make_backend(base_url=args.base_url, judge_model=args.judge_model, api_key_file=args.api_key_file,
                         rule_based=args.rule_based or not llm, max_workers=args.max_workers,
-                        timeout=args.timeout, max_retries=args.max_retries, guided=args.guided_choice)
+                        timeout=args.timeout, max_retries=args.max_retries, guided=args.guided_choice,
+                        substring=args.substring)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.cmd == "judge":
+        if args.cmd == "grade":
+            from .grade import grade_file
+            n = grade_file(args.input, args.output)
+            print(f"graded {n['answers']} answers: {n['correct']} correct, {n['asserts_old']} assert the old answer "
+                  f"-> {args.output}")
+        elif args.cmd == "judge":
             from .judge import run_judge, summary_lines
+            from .mquake import load_mquake
             backend = _backend(args)
             print(f"judge: {backend.label}", file=sys.stderr)
-            summary = run_judge(args.input, backend, summary_path=args.summary)
+            cases = load_mquake(args.data_path) if args.data_path else None
+            summary = run_judge(args.input, backend, summary_path=args.summary, cases=cases)
             print("\n".join(summary_lines(summary)))
+        elif args.cmd == "judge-agreement":
+            from dataclasses import asdict
+
+            from .agreement import LABELS, agreement_table, judge_verdicts, load_labels, table_lines
+            from .files import atomic_write_json
+            rows = load_labels(args.labels or LABELS)
+            backend = _backend(args)
+            table = agreement_table(rows, judge_verdicts(rows, backend))
+            print("\n".join(table_lines(rows, table)))
+            if args.json:
+                atomic_write_json(args.json, [asdict(a) for a in table])
         elif args.cmd == "analyze":
             from .analyze import report_lines, run_analyze
             backend = _backend(args, llm=args.llm_self_refute)
             why = _backend(args) if args.rewrite_why else None
             if (args.llm_self_refute and backend.client is None) or (why is not None and why.client is None):
-                print("no API key and no --base-url: using the rule-based judge (outputs labelled rule-based)",
-                      file=sys.stderr)
+                print("no API key and no --base-url: self-refutation by the strict offline grader (labelled strict), "
+                      "rationale alignment by word overlap (labelled word-overlap)", file=sys.stderr)
             res = run_analyze(args.input, backend, output=args.output, checkpoint=args.llm_checkpoint,
                               resume=args.llm_resume, rewrite_why=why)
             print("\n".join(report_lines(res)))

@@ -14,9 +14,10 @@ from typing import Any
 
 from .chat import ContentFilterError
 from .files import atomic_write_json, read_json
-from .judge import RULE_BASED, Backend, Item, ask_parsed, item_key, output_dir, run_items
+from .grade import grade
+from .judge import STRICT, Backend, Item, ask_parsed, item_key, output_dir, run_items
 from .mquake import target_str
-from .probes import CONFLICT_PER_REWRITE, answer_matches, load_records, normalize_answer
+from .probes import CONFLICT_PER_REWRITE, OLD_PER_REWRITE, load_records, normalize_answer
 from .prompts import SELF_REFUTE_CHOICES, WHY_CHOICES, self_refute_messages, why_messages
 
 CE_SUFFIX = "_only_causal_enhanced"
@@ -89,7 +90,8 @@ def self_refute_items(records: list[dict]) -> tuple[list[Item], Counter]:
 
 def _item(cid: Any, source: str, path: str, d: dict, r: int, rws: list[dict]) -> Item:
     ref = [str(x) for x in d.get("ref") or [target_str(rws[r]["target_new"])]]
-    it = Item(cid, source, path, str(d.get("prompt", "")), ref, str(d.get("pred", "")),
+    old = d.get("old_ref") if isinstance(d.get("old_ref"), list) else [target_str(rws[r]["target_true"])]
+    it = Item(cid, source, path, str(d.get("prompt", "")), ref, str(d.get("pred", "")), [str(x) for x in old],
               extra={"rewrite_idx": r, "tell_first": source == "conflict_probe" and is_tell_first(d.get("prompt", ""))})
     it.key = item_key(cid, path, it.pred)
     return it
@@ -123,53 +125,25 @@ def parse_self_refute(text: str) -> dict:
             "reasoning": str(obj.get("reasoning", ""))}
 
 
-_NEG_AFTER = r"\W{0,3}\s*(?:is|was|are|were)\s+(?:not|no longer|incorrect|wrong|false|inaccurate|a mistake|mistaken)\b"
-_NEG_AFTER2 = r"\W{0,3}\s*(?:isn't|wasn't|aren't|is an error)"
-_NEG_BEFORE = r"\b(?:not|never|rather than|instead of)\s+(?:the\s+)?"
-_FINAL = re.compile(r"(?:answer(?: now)? is|final answer\s*:?|answer\s*:)", re.IGNORECASE)
-
-
-def rule_self_refute(pred: str, refs: list[str]) -> dict:
-    """Deterministic offline verdict. Asserted: some ref occurs outside a negation. Negated: a
-    negation of a ref ("X is not/incorrect/wrong...", "not X", "instead of X") after the first
-    assertion. Final: the text after the last "answer is" (else the last sentence) names a ref
-    and does not negate it. Detected = asserted and negated and not final."""
-    low = pred.lower()
-    names = [r.lower() for r in refs if r.strip()]
-    negs: list[tuple[int, int]] = []
-    for n in names:
-        e = re.escape(n)
-        for pat in (e + _NEG_AFTER, e + _NEG_AFTER2, _NEG_BEFORE + e + r"\b"):
-            negs += [(m.start(), m.end()) for m in re.finditer(pat, low)]
-    mentions = [m.start() for n in names for m in re.finditer(re.escape(n), low)]
-    plain = [p for p in mentions if not any(s <= p < e for s, e in negs)]
-    first = min(plain) if plain else None
-    negated = first is not None and any(s > first for s, _ in negs)
-    finals = list(_FINAL.finditer(low))
-    if finals:
-        tail = low[finals[-1].end():]
-    else:
-        sentences = [x for x in re.split(r"(?<=[.!?\n])", low.strip()) if x.strip()]
-        tail = sentences[-1] if sentences else ""
-    tail_neg = any(re.search(p, tail) for n in names for p in
-                   (re.escape(n) + _NEG_AFTER, re.escape(n) + _NEG_AFTER2, _NEG_BEFORE + re.escape(n) + r"\b"))
-    final_new = any(n in tail for n in names) and not tail_neg
-    asserted = first is not None
-    detected = asserted and negated and not final_new
-    return {"analysis": {"assertion_of_target_new": asserted, "explicit_negation_of_target_new": negated,
-                         "final_submitted_answer_target_new": final_new},
-            "self_refutation_detected": detected, "evidence": "", "reasoning": "rule-based"}
+def strict_self_refute(it: Item) -> dict:
+    """The strict grader's reading (eval.grade): asserted = the new answer is asserted somewhere;
+    negated = negated after that; final = the answer's committed answer is the new one; detected =
+    asserted, not final, and negated or concluding with the old answer."""
+    g = grade(it.prompt, it.pred, it.ref, it.old_ref)
+    return {"analysis": {"assertion_of_target_new": g.asserts_new, "explicit_negation_of_target_new": g.negates_new,
+                         "final_submitted_answer_target_new": g.correct},
+            "self_refutation_detected": g.self_refutes, "evidence": g.rule, "reasoning": STRICT}
 
 
 def decide_self_refute(backend: Backend):
     def decide(it: Item) -> dict:
         if backend.client is None:
-            return {"result": "OK", **rule_self_refute(it.pred, it.ref), "method": RULE_BASED}
+            return {"result": "OK", **strict_self_refute(it), "method": STRICT}
         try:
             verdict, raw = ask_parsed(backend.client, self_refute_messages(it.prompt, it.ref, it.pred),
                                       parse_self_refute, SELF_REFUTE_CHOICES if backend.guided else None)
         except ContentFilterError:
-            return {"result": "OK", **rule_self_refute(it.pred, it.ref), "method": "rule-based (content filter)"}
+            return {"result": "OK", **strict_self_refute(it), "method": f"{STRICT} (content filter)"}
         return {"result": "OK", **verdict, "raw": raw, "method": "llm"}
     return decide
 
@@ -228,12 +202,17 @@ def _pct(x: float | None) -> str:
 
 
 def old_knowledge_recall(records: list[dict]) -> dict:
-    """Share of old-knowledge probes whose answer contains target_true (string match)."""
+    """Share of old-knowledge probes whose answer asserts target_true (strict grader; the new answer,
+    which the probe itself states, counts against)."""
     hits = total = 0
     for rec in records:
-        for d in rec["post"].get("old_knowledge_probe") or []:
+        rws = rec.get("requested_rewrite") or []
+        for k, d in enumerate(rec["post"].get("old_knowledge_probe") or []):
+            r = k // OLD_PER_REWRITE
+            new = [target_str(rws[r]["target_new"])] if r < len(rws) else []
             total += 1
-            hits += answer_matches(str(d.get("pred", "")), [str(x) for x in d.get("ref", [])])
+            hits += grade(str(d.get("prompt", "")), str(d.get("pred", "")), [str(x) for x in d.get("ref", [])],
+                          new).correct
     return _ratio(hits, total)
 
 
@@ -260,6 +239,9 @@ _CUE = re.compile(r"\b(because|due to|after|following|since|as a result|led to|l
 _STOP = set("""that this with from were have been their which there they then than into over also only
 about after because before being while would could should these those other what when where more most
 such some very will just upon made make took said says itself under between""".split())
+
+
+WORD_OVERLAP = "word-overlap"  # the offline rationale-alignment proxy below
 
 
 def rule_why(article: str, prompt: str, pred: str, refs: list[str]) -> dict:
@@ -307,12 +289,12 @@ def decide_why(backend: Backend):
     def decide(it: Item) -> dict:
         rule = lambda: rule_why(it.extra["article"], it.prompt, it.pred, it.ref)  # noqa: E731
         if backend.client is None:
-            return {**rule(), "method": RULE_BASED}
+            return {**rule(), "method": WORD_OVERLAP}
         try:
             verdict, raw = ask_parsed(backend.client, why_messages(it.extra["article"], it.prompt, it.pred), parse_why,
                                       WHY_CHOICES if backend.guided else None)
         except ContentFilterError:
-            return {**rule(), "method": "rule-based (content filter)"}
+            return {**rule(), "method": f"{WORD_OVERLAP} (content filter)"}
         return {**verdict, "raw": raw, "method": "llm"}
     return decide
 
@@ -334,7 +316,7 @@ def why_summary(items: list[Item], rows: dict[str, dict]) -> dict:
 
 def extract_ce(input_path: str | Path) -> Path:
     """Write <run>_only_causal_enhanced/metrics.json: hop_wise_pred <- CE hop answers, conflict_probe
-    <- CE conflict answers, hop_wise re-scored by substring match, accuracy and old-knowledge lists emptied."""
+    <- CE conflict answers, hop_wise re-scored by the strict grader, accuracy and old-knowledge lists emptied."""
     input_path = Path(input_path)
     records = load_records(input_path)
     out: list[dict] = []
@@ -345,7 +327,8 @@ def extract_ce(input_path: str | Path) -> Path:
                              "(run evaluation with causal-enhanced probes)")
         new = copy.deepcopy(rec)
         hops = copy.deepcopy(post["causal_enhanced_hop_wise_pred"])
-        new["post"] = {"hop_wise": [[answer_matches(d["pred"], d["ref"]) for d in hop] for hop in hops],
+        new["post"] = {"hop_wise": [[grade(d["prompt"], d["pred"], d["ref"], d.get("old_ref") or []).correct
+                                     for d in hop] for hop in hops],
                        "hop_wise_pred": hops,
                        "accuracy": [], "accuracy_pred": [],
                        "conflict_probe": copy.deepcopy(post.get("causal_enhanced_conflict_probe", [])),
@@ -403,7 +386,8 @@ def run_analyze(input_path: str | Path, backend: Backend, *, output: str | Path 
     items, skipped = self_refute_items(records)
     ckpt = Path(checkpoint) if checkpoint else out / "pred_self_refute_analysis_llm_judge_ckpt.jsonl"
     rows = run_items(items, decide_self_refute(backend), checkpoint=ckpt, judge_id=backend.label,
-                     max_workers=backend.max_workers, resume=resume, progress=progress)
+                     max_workers=backend.max_workers, resume=resume and backend.client is not None,
+                     progress=progress)
     flags = rewrite_flags(items, rows)
     result: dict[str, Any] = {
         "judge": backend.label, "input": str(input_path),
@@ -425,7 +409,7 @@ def run_analyze(input_path: str | Path, backend: Backend, *, output: str | Path 
                            judge_id=rewrite_why.label, max_workers=rewrite_why.max_workers, resume=resume,
                            progress=progress)
         result["rewrite_why"] = why_summary(w_items, w_rows)
-        result["rewrite_why"]["judge"] = rewrite_why.label
+        result["rewrite_why"]["judge"] = rewrite_why.label if rewrite_why.client else WORD_OVERLAP
         atomic_write_json(out / "rewrite_why_consistency_summary.json", result["rewrite_why"])
         atomic_write_json(out / "rewrite_why_consistency.json",
                           [{"case_id": it.case_id, "pred_path": it.path, "rewrite_idx": it.extra["rewrite_idx"],

@@ -11,12 +11,21 @@ from typing import Any, Iterator
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write JSON to a temp file in the same directory, fsync, then os.replace over `path`."""
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=1))
+
+
+def atomic_write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """All rows, one JSON object a line, written atomically as atomic_write_json does."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

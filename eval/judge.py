@@ -1,6 +1,6 @@
-"""`python -m eval judge`: grade hop-wise and multi-hop answers PASS/FAIL with an LLM judge (or the
-rule-based judge offline), checkpointed per item so a killed run resumes, then H-Acc and M-Acc
-(METHOD.md 4.4). Also the item engine that `analyze` reuses: backend choice, pool, checkpoint."""
+"""`python -m eval judge`: grade hop-wise and multi-hop answers PASS/FAIL with the strict offline grader
+(eval.grade; or the reference's substring rule, or an LLM judge), checkpointed per item so a killed run
+resumes, then H-Acc and M-Acc (METHOD.md 4.4). Also the item engine that `analyze` reuses."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from .chat import ChatClient, ChatError, ContentFilterError, bounded_map, resolve_api_keys
 from .files import append_jsonl, atomic_write_json, read_jsonl
+from .grade import grade, stored_old_refs
 from .probes import answer_matches, load_records
 from .prompts import VERDICT_CHOICES, judge_messages
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.deepseek.com"  # the reference's judge endpoint and model
 DEFAULT_JUDGE_MODEL = "deepseek-v4-flash"
-RULE_BASED = "rule-based"
+STRICT = "strict"         # the offline grader of eval.grade (docs/grading.md)
+SUBSTRING = "substring"   # the reference's rule: a gold alias anywhere in the answer, case-insensitive
 JUDGED_SOURCES = ("hop_wise_pred", "accuracy_pred")
 PARSE_ATTEMPTS = 3  # asks per item when the judge's reply cannot be parsed
 
@@ -36,6 +38,7 @@ class Item:
     prompt: str
     ref: list[str]
     pred: str
+    old_ref: list[str] = field(default_factory=list)  # the answer the edit replaced, when known
     key: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -56,27 +59,30 @@ def item_key(*parts: Any) -> str:
 
 @dataclass
 class Backend:
-    """Who judges: an OpenAI-compatible endpoint (`client`), or the rule-based judge (client None)."""
+    """Who judges: an OpenAI-compatible endpoint (`client`), or offline (client None) the strict
+    grader or the reference's substring rule (`offline`)."""
     client: ChatClient | None
     max_workers: int = 1
     guided: bool = False  # replies constrained to the well-formed verdicts (guided_choice), see ask_parsed
+    offline: str = STRICT
 
     @property
     def label(self) -> str:
         # The endpoint is left out so a resumed run may reach the same model at another address.
         if self.client is None:
-            return RULE_BASED
+            return self.offline
         return f"llm:{self.client.model}" + (":guided" if self.guided else "")
 
 
 def make_backend(*, base_url: str | None, judge_model: str | None, api_key_file: str | None = None,
                  rule_based: bool = False, max_workers: int | None = None, timeout: float = 120.0,
-                 max_retries: int = 6, guided: bool = False) -> Backend:
-    """No key and no base URL (or `rule_based`) -> the offline rule-based judge. A key alone uses
-    the reference's endpoint; a base URL alone is a local server that needs no key."""
-    keys = [] if rule_based else resolve_api_keys(api_key_file)
-    if rule_based or (not keys and not base_url):
-        return Backend(None, 1)
+                 max_retries: int = 6, guided: bool = False, substring: bool = False) -> Backend:
+    """No key and no base URL (or `rule_based`) -> offline: the strict grader, or with `substring` the
+    reference's rule. A key alone uses the reference's endpoint; a base URL alone is a local server."""
+    offline = SUBSTRING if substring else STRICT
+    keys = [] if rule_based or substring else resolve_api_keys(api_key_file)
+    if rule_based or substring or (not keys and not base_url):
+        return Backend(None, 1, offline=offline)
     client = ChatClient(base_url or DEFAULT_BASE_URL, judge_model or DEFAULT_JUDGE_MODEL, keys,
                         timeout=timeout, max_retries=max_retries)
     workers = max_workers if max_workers else 16 * max(1, len(keys))
@@ -154,15 +160,25 @@ def parse_verification(text: str) -> str:
     return verdict
 
 
-def rule_verdict(item: Item) -> str:
-    return "PASS" if answer_matches(item.pred, item.ref) else "FAIL"
+def offline_verdict(item: Item, rule: str = STRICT) -> dict:
+    """The strict grader's verdict with what decided it, or the substring rule's."""
+    if rule == SUBSTRING:
+        return {"result": "PASS" if answer_matches(item.pred, item.ref) else "FAIL", "raw": "", "method": SUBSTRING}
+    g = grade(item.prompt, item.pred, item.ref, item.old_ref)
+    return {"result": "PASS" if g.correct else "FAIL", "raw": "", "method": STRICT, "asserts_old": g.asserts_old,
+            "rule": g.rule}
 
 
-def judge_items(records: list[dict]) -> list[Item]:
-    """Every {prompt: str, ref: list, pred: str} dict under post.hop_wise_pred / post.accuracy_pred."""
+def judge_items(records: list[dict], old_answers: dict | None = None) -> list[Item]:
+    """Every {prompt: str, ref: list, pred: str} dict under post.hop_wise_pred / post.accuracy_pred,
+    with the replaced answer from its `old_ref`, else from `old_answers` (see old_answers_for)."""
     items = []
     for rec, source, path, d in _judge_dicts(records):
-        it = Item(rec["case_id"], source, path, d["prompt"], [str(r) for r in d["ref"]], d["pred"])
+        old = d.get("old_ref")
+        if not isinstance(old, list):
+            old = (old_answers or {}).get((rec["case_id"], path), [])
+        it = Item(rec["case_id"], source, path, d["prompt"], [str(r) for r in d["ref"]], d["pred"],
+                  [str(r) for r in old])
         it.key = item_key(rec["case_id"], path, it.prompt, it.pred)
         items.append(it)
     return items
@@ -187,12 +203,12 @@ def _walk(node: Any, path: str) -> Iterable[tuple[str, dict]]:
 def decide_correctness(backend: Backend) -> Callable[[Item], dict]:
     def decide(it: Item) -> dict:
         if backend.client is None:
-            return {"result": rule_verdict(it), "raw": "", "method": RULE_BASED}
+            return offline_verdict(it, backend.offline)
         try:
             verdict, raw = ask_parsed(backend.client, judge_messages(it.prompt, it.ref, it.pred), parse_verification,
                                       VERDICT_CHOICES if backend.guided else None)
         except ContentFilterError:
-            return {"result": rule_verdict(it), "raw": "", "method": "rule-based (content filter)"}
+            return {**offline_verdict(it), "method": f"{STRICT} (content filter)"}
         return {"result": verdict, "raw": raw, "method": "llm"}
     return decide
 
@@ -204,16 +220,19 @@ def output_dir(input_path: Path, kind: str) -> Path:
 
 
 def run_judge(input_path: str | Path, backend: Backend, *, summary_path: str | Path | None = None,
-              progress: bool = True) -> dict:
-    """Judge a run's metrics.json; write judge/metrics.judged.json and the summary; return it."""
+              progress: bool = True, cases: list[dict] | None = None) -> dict:
+    """Judge a run's metrics.json; write judge/metrics.judged.json and the summary; return it.
+    `cases`: the run's MQuAKE cases, for the old answers of runs that did not store them. Offline
+    verdicts are recomputed every time (they are cheap, and a changed rule must not be reused)."""
     input_path = Path(input_path)
     records = load_records(input_path)
     if not records:
         raise ValueError(f"{input_path}: no per-case records to judge")
     out = output_dir(input_path, "judge")
-    items = judge_items(records)
+    items = judge_items(records, stored_old_refs(records, cases))
     rows = run_items(items, decide_correctness(backend), checkpoint=out / "metrics.judged.ckpt.jsonl",
-                     judge_id=backend.label, max_workers=backend.max_workers, progress=progress)
+                     judge_id=backend.label, max_workers=backend.max_workers, progress=progress,
+                     resume=backend.client is not None)
     judged = attach_verdicts(records, rows)
     summary = summarize_judged(judged)
     summary["judge"] = backend.label
@@ -223,12 +242,20 @@ def run_judge(input_path: str | Path, backend: Backend, *, summary_path: str | P
     return summary
 
 
+def offline_summary(records: list[dict], rule: str = STRICT) -> dict:
+    """H-Acc and M-Acc of records by an offline rule, in the judge summary's keys (for res.json)."""
+    items = judge_items(records, stored_old_refs(records))
+    rows = {it.key: offline_verdict(it, rule) for it in items}
+    s = summarize_judged(attach_verdicts(records, rows))
+    return {"overall_hop_wise_average": s["overall_hop_wise_average"], "accuracy_averages": s["accuracy_averages"]}
+
+
 def attach_verdicts(records: list[dict], rows: dict[str, dict]) -> list[dict]:
     """A copy of the records where every judged item has judge = {result, raw, method[, error]}."""
     judged = copy.deepcopy(records)
     for rec, _, path, d in _judge_dicts(judged):
         row = rows[item_key(rec["case_id"], path, d["prompt"], d["pred"])]
-        d["judge"] = {k: row[k] for k in ("result", "raw", "method", "error") if k in row}
+        d["judge"] = {k: row[k] for k in ("result", "raw", "method", "error", "asserts_old", "rule") if k in row}
     return judged
 
 
@@ -285,7 +312,9 @@ def summarize_judged(judged: list[dict]) -> dict:
         "cases_scored": {"hop_wise": len(hop_cases), "qa": len(qa_cases), "any_right_accuracy": len(any_cases),
                          "any_right_undetermined": undetermined},
         "items": {"total": sum(counts.values()), "PASS": counts["PASS"], "FAIL": counts["FAIL"],
-                  "ERROR": counts["ERROR"]},
+                  "ERROR": counts["ERROR"], "asserts_old": sum(bool(d["judge"].get("asserts_old")) for rec in judged
+                                                               for s in JUDGED_SOURCES
+                                                               for _, d in _walk(rec["post"].get(s), s) if "judge" in d)},
         "items_by_source": {s: {"PASS": c["PASS"], "FAIL": c["FAIL"], "ERROR": c["ERROR"]}
                             for s, c in by_source.items()},
         "cases_with_errors": cases_with_errors,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .files import atomic_write_json, read_json
+from .grade import old_refs_for
 from .mquake import target_str
 
 # Wording the reference uses verbatim (METHOD.md 4.2).
@@ -42,8 +43,9 @@ class GenConfig:
 class Probe:
     source: str            # one of the post keys above
     prompt: str            # the user message sent to the model
-    ref: list[str]         # gold strings; correct iff any is a case-insensitive substring of pred
+    ref: list[str]         # gold strings
     q: str | None = None   # raw cloze/question (hop-wise and multi-hop only)
+    old_ref: list[str] | None = None  # the replaced answer's strings (hop-wise and multi-hop only)
     hop: int | None = None  # index into new_single_hops (hop-wise sources only)
     rewrite: int | None = None  # requested_rewrite index (conflict/old-knowledge, CE hop if matched)
 
@@ -96,13 +98,14 @@ def build_probes(case: dict) -> list[Probe]:
                  (hop["question"], f"Now, {hop['question']} {STEP}"),
                  (hop["question"], f"Now, {hop['question']} Why? {STEP}")]
         hop_forms.append(forms)
-        out += [Probe(HOP, p, hop_refs(hop), q=q, hop=h) for q, p in forms]
+        out += [Probe(HOP, p, hop_refs(hop), q=q, hop=h, old_ref=old_refs_for(case, h)) for q, p in forms]
     for h, hop in enumerate(hops):
         r = hop_rewrite(case, hop)
         article = rws[r].get("article") if r is not None else None
-        out += [Probe(HOP_CE, with_article(p, article), hop_refs(hop), q=q, hop=h, rewrite=r)
-                for q, p in hop_forms[h]]
-    out += [Probe(MULTI, f"Now, {q} {STEP}", multi_refs(case), q=q) for q in case["questions"]]
+        out += [Probe(HOP_CE, with_article(p, article), hop_refs(hop), q=q, hop=h, rewrite=r,
+                      old_ref=old_refs_for(case, h)) for q, p in hop_forms[h]]
+    out += [Probe(MULTI, f"Now, {q} {STEP}", multi_refs(case), q=q, old_ref=old_refs_for(case, None))
+            for q in case["questions"]]
     for r, rw in enumerate(rws):
         for p in conflict_prompts(rw):
             out.append(Probe(CONFLICT, p, [target_str(rw["target_new"])], rewrite=r))
@@ -142,7 +145,7 @@ def assemble_post(case: dict, probes: list[Probe], preds: list[str]) -> dict:
                             CONFLICT_CE: [], OLD: []}
     for p, pred in zip(probes, preds):
         if p.source in (HOP, HOP_CE, MULTI):
-            item = {"q": p.q, "prompt": p.prompt, "ref": list(p.ref), "pred": pred}
+            item = {"q": p.q, "prompt": p.prompt, "ref": list(p.ref), "pred": pred, "old_ref": list(p.old_ref or [])}
             if p.source == MULTI:
                 post[MULTI].append(item)
                 post["accuracy"].append(answer_matches(pred, p.ref))
@@ -210,7 +213,9 @@ def case_record(case: dict, post: dict, seconds: float) -> dict:
 
 def string_match_summary(records: list[dict]) -> dict:
     """res.json: H-Acc and M-Acc by generation-time substring match, as numbers (the reference
-    stores strings). hop-wise = mean over cases of True/slots; qa = share of cases with any True."""
+    stores strings). hop-wise = mean over cases of True/slots; qa = share of cases with any True.
+    `strict`: the same by the strict grader, in the judge summary's keys (M-Acc = any_right_accuracy)."""
+    from .judge import offline_summary  # judge reads records through this module
     hop, qa = [], []
     for rec in records:
         slots = [b for hop_slots in rec["post"]["hop_wise"] for b in hop_slots]
@@ -220,7 +225,8 @@ def string_match_summary(records: list[dict]) -> dict:
             qa.append(float(any(rec["post"]["accuracy"])))
     return {"total_cases": len(records),
             "overall_hop_wise_average": sum(hop) / len(hop) if hop else None,
-            "accuracy_averages": {"qa": sum(qa) / len(qa) if qa else None}}
+            "accuracy_averages": {"qa": sum(qa) / len(qa) if qa else None},
+            "strict": offline_summary(records)}
 
 
 def record_case(run_dir: str | Path, record: dict) -> list[dict]:

@@ -144,22 +144,24 @@ def test_parse_self_refute():
             A.parse_self_refute(bad)
 
 
-@pytest.mark.parametrize("pred, flags", [
-    ("The club is based in Lyon. Wait, Lyon is incorrect: it is in Marseille. The answer is Marseille.", (1, 1, 0)),
-    ("It is based in Marseille, not Lyon. The answer is Marseille.", (0, 0, 0)),            # rational rejection
-    ("It was in Marseille until the move; now it is in Lyon. The answer now is Lyon.", (1, 0, 1)),  # harmonisation
-    ("It is Lyon. Hmm, Lyon is wrong? No: after the move Lyon holds. The answer now is Lyon.", (1, 1, 1)),  # recovery
-    ("The club is based in Lyon. It plays at the Velodrome. The answer is Marseille.", (1, 0, 0)),  # no negation
+@pytest.mark.parametrize("pred, flags, detected", [
+    ("The club is based in Lyon. Wait, Lyon is incorrect: it is in Marseille. The answer is Marseille.", (1, 1, 0),
+     True),                                                                                   # asserts, negates
+    ("It is based in Marseille, not Lyon. The answer is Marseille.", (0, 0, 0), False),       # rational rejection
+    ("It was in Marseille until the move; now it is in Lyon. The answer now is Lyon.", (1, 0, 1), False),  # harmonised
+    ("It is Lyon. Hmm, Lyon is wrong? No: after the move Lyon holds. The answer now is Lyon.", (1, 1, 1), False),
+    ("The club is based in Lyon. It plays at the Velodrome. The answer is Marseille.", (1, 0, 0), True),  # concludes old
 ])
-def test_rule_self_refute(pred, flags):
-    v = A.rule_self_refute(pred, ["Lyon"])
+def test_strict_self_refute(pred, flags, detected):
+    from eval.judge import Item
+    v = A.strict_self_refute(Item(1, "hop_wise_pred", "p", "Where is the club based?", ["Lyon"], pred, ["Marseille"]))
     got = tuple(int(v["analysis"][k]) for k in ("assertion_of_target_new", "explicit_negation_of_target_new",
                                                    "final_submitted_answer_target_new"))
     assert got == flags
-    assert v["self_refutation_detected"] == (flags == (1, 1, 0))
+    assert v["self_refutation_detected"] is detected
 
 
-def test_offline_analyze_cli_is_rule_based(tmp_path, monkeypatch, capsys):
+def test_offline_analyze_cli_is_strict(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("CODE_EDIT_API_KEYS", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     c = case(20, [["It is New0.", N, N], [N, N, "New1 it is. But New1 is wrong; the answer is Old1."]], {})
@@ -167,10 +169,10 @@ def test_offline_analyze_cli_is_rule_based(tmp_path, monkeypatch, capsys):
     from eval.__main__ import main
     assert main(["analyze", "--input", str(path), "--llm-self-refute", "on", "--rewrite-why", "on"]) == 0
     out = capsys.readouterr()
-    assert "rule-based" in out.err
+    assert "strict offline grader" in out.err
     res = json.loads((path.parent / "analysis" / "pred_analysis.json").read_text())
-    assert res["judge"] == "rule-based" and res["rewrite_why"]["judge"] == "rule-based"
-    assert all(it["method"] == "rule-based" for it in res["items"])
+    assert res["judge"] == "strict" and res["rewrite_why"]["judge"] == "word-overlap"
+    assert all(it["method"] == "strict" for it in res["items"])
     assert res["rewrites"]["20|rw1"]["hop_wise_pred"] is True and res["rewrites"]["20|rw0"]["combined"] is False
     assert res["summary"]["SRR"]["yes"] == 1 and res["summary"]["SRR"]["total"] == 2
     assert f"{A.SRR_LABEL}: 1 / 2 (50.0%)" in out.out

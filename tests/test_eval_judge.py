@@ -130,23 +130,29 @@ def test_parse_verification_strict():
             J.parse_verification(bad)
 
 
-def test_offline_rule_based_cli(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flags, label", [([], "strict"), (["--substring"], "substring")])
+def test_offline_cli(tmp_path, monkeypatch, capsys, flags, label):
+    """The fixture's answers are bare names or "It is X.", so both offline rules give the hand-computed
+    verdicts (the strict grader's harder cases are in test_grade.py)."""
     monkeypatch.delenv("CODE_EDIT_API_KEYS", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     path = write_run(tmp_path, fixture_records())
     from eval.__main__ import main
-    assert main(["judge", "--input", str(path)]) == 0
+    assert main(["judge", "--input", str(path), *flags]) == 0
     out = capsys.readouterr().out
-    assert "judge: rule-based" in out and "ERROR items (not scored, re-judged on the next run): 0" in out
+    assert f"judge: {label}" in out and "ERROR items (not scored, re-judged on the next run): 0" in out
     s = json.loads((path.parent / "judge" / "metrics.judged.summary.json").read_text())
-    assert s["judge"] == "rule-based"
+    assert s["judge"] == label
     assert s["overall_hop_wise_average"] == pytest.approx(H_ACC)
     assert s["accuracy_averages"]["qa"] == pytest.approx(QA)
     assert s["accuracy_averages"]["any_right_accuracy"] == pytest.approx(M_ACC)
-    assert s["items"] == {"total": 27, "PASS": 15, "FAIL": 12, "ERROR": 0}
+    assert s["items"] == {"total": 27, "PASS": 15, "FAIL": 12, "ERROR": 0, "asserts_old": 0}
     assert "conflict_probe_average" not in s
     judged = json.loads((path.parent / "judge" / "metrics.judged.json").read_text())
-    assert judged[0]["post"]["hop_wise_pred"][0][2]["judge"] == {"result": "FAIL", "raw": "", "method": "rule-based"}
+    verdict = judged[0]["post"]["hop_wise_pred"][0][2]["judge"]
+    assert verdict["result"] == "FAIL" and verdict["method"] == label
+    if label == "strict":
+        assert verdict["asserts_old"] is False and verdict["rule"] == "no answer asserted"
     assert "judge" not in judged[0]["post"]["conflict_probe"][0]  # conflict probes are not judged
 
 
@@ -165,7 +171,7 @@ def test_faulty_server_every_item_judged_or_error(tmp_path):
     results = [(r["case_id"], d["judge"]["result"]) for r in judged for src in ("hop_wise_pred", "accuracy_pred")
                for _, d in J._walk(r["post"][src], src)]
     assert len(results) == 27 and all(res in ("PASS", "FAIL", "ERROR") for _, res in results)
-    assert s["items"] == {"total": 27, "PASS": 15, "FAIL": 10, "ERROR": 2}
+    assert s["items"] == {"total": 27, "PASS": 15, "FAIL": 10, "ERROR": 2, "asserts_old": 0}
     # exactly the two unrecoverable items are ERROR, with the reason kept
     err = judged[0]["post"]["hop_wise_pred"][0][2]["judge"]
     assert err["result"] == "ERROR" and "unparseable" in err["error"] and "I think" in err["raw"]
@@ -204,7 +210,7 @@ def test_bad_key_items_error_then_resume_with_good_key(tmp_path):
     with FakeOpenAI(FaultyJudge()) as srv2:
         s2 = J.run_judge(path, backend(srv2, keys=["sk-good-key-11111"]), progress=False)
     assert len(srv2.requests) == bad_requests
-    assert s2["items"] == {"total": 27, "PASS": 15, "FAIL": 12, "ERROR": 0}
+    assert s2["items"] == {"total": 27, "PASS": 15, "FAIL": 12, "ERROR": 0, "asserts_old": 0}
     assert s2["overall_hop_wise_average"] == pytest.approx(H_ACC)
 
 
@@ -254,5 +260,5 @@ def test_summarize_judged_hand_built():
     assert s["overall_hop_wise_average"] == pytest.approx((1 / 3 + 5 / 6) / 2)
     assert s["accuracy_averages"]["qa"] == pytest.approx((1 / 2 + 0) / 2)
     assert s["accuracy_averages"]["any_right_accuracy"] == pytest.approx(0.5)
-    assert s["items"] == {"total": 18, "PASS": 7, "FAIL": 7, "ERROR": 4}
+    assert s["items"] == {"total": 18, "PASS": 7, "FAIL": 7, "ERROR": 4, "asserts_old": 0}
     assert s["cases_with_errors"] == 1

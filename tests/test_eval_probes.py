@@ -147,7 +147,7 @@ def test_evaluate_case_post_dict(case):
     assert item == {"q": "rugby union was created in the country of",
                     "prompt": "Now, rugby union was created in the country of ? Let's think step by step.",
                     "ref": case["new_single_hops"][2]["answer_alias"] + ["India"],
-                    "pred": "It was created in india"}
+                    "pred": "It was created in india", "old_ref": ["England", "ENG"]}
     assert len(post["causal_enhanced_hop_wise_pred"]) == 4 and all(len(h) == 3 for h in post["causal_enhanced_hop_wise_pred"])
     assert len(post["conflict_probe"]) == 32 and set(post["conflict_probe"][0]) == {"prompt", "ref", "pred"}
     assert post["conflict_probe"][0]["pred"] == "It is antonio conte."
@@ -199,8 +199,12 @@ def test_record_case_atomic_replace_and_res(tmp_path, case):
     stored = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["case_id"] for r in stored] == [1, 7663]
     res = json.loads((tmp_path / "res.json").read_text())
+    # strict: case 7663's hops are 2 of 3 right (Why? answers name nothing), its multi-hop questions
+    # 2 of 3; case 1 stores no answers, so the strict means are over case 7663 alone.
     assert res == {"total_cases": 2, "overall_hop_wise_average": pytest.approx((1 + 8 / 12) / 2),
-                   "accuracy_averages": {"qa": 1.0}}
+                   "accuracy_averages": {"qa": 1.0},
+                   "strict": {"overall_hop_wise_average": pytest.approx(2 / 3),
+                              "accuracy_averages": {"qa": pytest.approx(2 / 3), "any_right_accuracy": 1.0}}}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
