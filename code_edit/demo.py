@@ -1,6 +1,6 @@
 """`make demo`: edit the embedded SmolLM2-135M-Instruct on MQuAKE-hard cases that have causal articles,
 before (PreEdited) and after (CausalEdit), through the normal `python -m code_edit` runs, then the offline
-rule-based self-refutation analysis and one before/after table. `--smoke`: the same on the tiny random model.
+strict-grader analysis and one before/after table. `--smoke`: the same on the tiny random model.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 
 from eval.files import read_json
 from eval.mquake import target_str
-from eval.probes import normalize_answer, string_match_summary
+from eval.grade import grade
+from eval.judge import offline_summary
+from eval.probes import normalize_answer
 
 DATATYPE = "MQuAKE-hard"
 METHODS = ("PreEdited", "CausalEdit")  # before, after
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}\n(rerun with --fresh to start the demo over)", file=sys.stderr)
             return 2
         wall = time.perf_counter() - t0
-        # Offline, never an endpoint: the rule-based detector even when an API key is in the environment.
+        # Offline, never an endpoint: the strict grader even when an API key is in the environment.
         analysis = run_analyze(run_dir / "metrics.json", make_backend(base_url=None, judge_model=None, rule_based=True),
                                progress=False)
         info = read_json(run_dir / "meta" / "run_info.json", "run_info.json")
@@ -157,21 +159,20 @@ def demo_table(runs: dict[str, dict], preset: str, total_s: float) -> list[str]:
              "with causal articles ===",
              f"Answers: greedy, at most {gen.get('max_new_tokens')} new tokens (reduced for the demo; the paper "
              f"preset allows 768, so long reasoning is cut off), repetition penalty {gen.get('repetition_penalty')}.",
-             "correct? = a gold alias is a case-insensitive substring of the whole answer (string match, as "
-             "res.json); snippets show the answer around the gold alias when it occurs, else its start."]
+             "correct? = the strict grader (docs/grading.md): the answer asserts the gold answer as its answer; "
+             "snippets show the answer around the gold alias when it occurs, else its start."]
     before = {r["case_id"]: r for r in pre["records"]}
     for rec in post["records"]:
         if rec["case_id"] not in before:
             raise ValueError(f"case_id {rec['case_id']}: in the CausalEdit run but not in the PreEdited run "
                              f"({pre['dir']})")
         lines += case_lines(before[rec["case_id"]], rec, pre["analysis"]["rewrites"], post["analysis"]["rewrites"])
-    lines += ["", "Summary (string match; SRR by the rule-based detector, among rewrites whose hop answers "
-                  "assert the new answer):"]
+    lines += ["", "Summary (strict grader; SRR among rewrites whose hop answers assert the new answer):"]
     for method, run in runs.items():
-        res = string_match_summary(run["records"])
+        res = offline_summary(run["records"])
         srr = run["analysis"]["summary"]["SRR"]
         lines.append(f"  {method:<11} H-Acc {_pct(res['overall_hop_wise_average']):>6}   "
-                     f"M-Acc {_pct(res['accuracy_averages']['qa']):>6}   SRR {srr['yes']}/{srr['total']}")
+                     f"M-Acc {_pct(res['accuracy_averages']['any_right_accuracy']):>6}   SRR {srr['yes']}/{srr['total']}")
     lines += time_lines(runs, total_s)
     lines += ["", "Outputs:"]
     for method, run in runs.items():
@@ -181,23 +182,24 @@ def demo_table(runs: dict[str, dict], preset: str, total_s: float) -> list[str]:
 
 def case_lines(b: dict, a: dict, flags_b: dict, flags_a: dict) -> list[str]:
     """One case: its edits, a row per edited hop (question form) and per multi-hop question, then the
-    rule-based self-refutation flags per rewrite. `b`/`a`: the case's PreEdited / CausalEdit record."""
+    strict grader's self-refutation flags per rewrite. `b`/`a`: the case's PreEdited / CausalEdit record."""
     cid, rws = a["case_id"], a["requested_rewrite"]
     lines = ["", f"Case {cid}: {len(rws)} edit(s), {len(a['post']['hop_wise_pred'])} hops"]
     lines += [f"  edit rw{k}: {_cut(rw['question'], 60)}  {target_str(rw['target_true'])} -> {rw['target_new']}"
               for k, rw in enumerate(rws)]
     lines.append(f"  {'':<13}{'question':<{Q}} {'gold new answer':<{G}} {'before (PreEdited)':<{SNIPPET}} "
                  f"{'after (CausalEdit)':<{SNIPPET}} correct? b→a")
-    hb, ha = b["post"]["hop_wise"], a["post"]["hop_wise"]
+    hb = [[_correct(d) for d in hop] for hop in b["post"]["hop_wise_pred"]]
+    ha = [[_correct(d) for d in hop] for hop in a["post"]["hop_wise_pred"]]
     for h, k in edited_hops(a):
         j = 1 if len(ha[h]) > 1 else 0  # the question form "Now, {question} Let's think step by step."
         forms = f"  (all {len(ha[h])} forms: {sum(hb[h])}/{len(hb[h])} → {sum(ha[h])}/{len(ha[h])})"
         lines.append(answer_row(f"hop {h + 1} (rw{k})", b["post"]["hop_wise_pred"][h][j],
                                 a["post"]["hop_wise_pred"][h][j], hb[h][j], ha[h][j]) + forms)
     for i, item in enumerate(a["post"]["accuracy_pred"]):
-        lines.append(answer_row(f"multi-hop {i + 1}", b["post"]["accuracy_pred"][i], item,
-                                b["post"]["accuracy"][i], a["post"]["accuracy"][i]))
-    lines.append("  self-refutation (rule-based detector, eval.analyze; b→a): asserts new answer in a hop answer"
+        before = b["post"]["accuracy_pred"][i]
+        lines.append(answer_row(f"multi-hop {i + 1}", before, item, _correct(before), _correct(item)))
+    lines.append("  self-refutation (strict grader, eval.analyze; b→a): asserts new answer in a hop answer"
                  " | self-refutes in any probe")
     for k, rw in enumerate(rws):
         x, y = flags_b.get(f"{cid}|rw{k}"), flags_a.get(f"{cid}|rw{k}")
@@ -208,6 +210,10 @@ def case_lines(b: dict, a: dict, flags_b: dict, flags_a: dict) -> list[str]:
                      f" → {_yn(y['retrieved_target_new_in_hop'])} | self-refutes {_yn(x['combined'])} → "
                      f"{_yn(y['combined'])}")
     return lines
+
+
+def _correct(item: dict) -> bool:
+    return grade(item["prompt"], item["pred"], item["ref"], item.get("old_ref") or []).correct
 
 
 def answer_row(label: str, before: dict, after: dict, ok_b: bool, ok_a: bool) -> str:

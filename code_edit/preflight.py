@@ -2,7 +2,7 @@
 
 Checks a CUDA GPU and its free memory against the presets, access to the model weights (HF token for
 gated Llama weights, or the weights already cached), the datasets (cached or downloadable), and the
-judge endpoint (or that the offline rule-based judge will be used). Never prints a secret.
+judge endpoint (or that the strict offline grader will be used). Never prints a secret.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def preflight(presets: list[str], datasets: list[str], *, judge_base_url: str | 
             checks.append(Check("OK", "judge", f"LLM judge at {where}; {src}"))
         else:
             checks.append(Check("note", "judge",
-                                "no endpoint and no API key: the offline rule-based judge will be used "
+                                "no endpoint and no API key: the strict offline grader will be used "
                                 "(for the LLM judge set $CODE_EDIT_API_KEYS or $OPENAI_API_KEY, or a base URL)"))
     return checks
 

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--input", required=True, help="<run>/metrics.json")
     a.add_argument("--output", default=None, help="report path (default <run>/analysis/pred_analysis.txt)")
     a.add_argument("--llm-self-refute", type=_on_off, default=False,
-                   help="on: judge self-refutation with the LLM endpoint; off (default): rule-based")
+                   help="on: judge self-refutation with the LLM endpoint; off (default): the strict offline grader")
     a.add_argument("--llm-checkpoint", default=None, help="self-refutation checkpoint JSONL path")
     a.add_argument("--rewrite-why", type=_on_off, default=False, help="on: rationale alignment of Why? answers")
     a.add_argument("--llm-resume", type=_on_off, default=True, help="reuse checkpointed verdicts (default on)")
@@ -111,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "judge-agreement":
             from dataclasses import asdict
 
-            from .agreement import LABELS, agreement_table, judge_verdicts, load_labels, table_lines
+            from .agreement import (LABELS, SRR_LABELS, agreement_table, judge_verdicts, load_labels, srr_agreement,
+                                    table_lines)
             from .files import atomic_write_json
             rows = load_labels(args.labels or LABELS)
             backend = _backend(args)
             table = agreement_table(rows, judge_verdicts(rows, backend))
+            if not args.labels:
+                table += srr_agreement(load_labels(SRR_LABELS, ("asserts_new", "self_refutes")))
             print("\n".join(table_lines(rows, table)))
             if args.json:
                 atomic_write_json(args.json, [asdict(a) for a in table])

@@ -7,11 +7,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import read_jsonl
+from .files import atomic_write_jsonl, read_jsonl
 from .grade import grade
 from .judge import STRICT, SUBSTRING, Backend, Item, decide_correctness, item_key, offline_verdict, run_items
 
 LABELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "judge_validation.jsonl"
+SRR_LABELS = LABELS.with_name("srr_validation.jsonl")  # self-refutation labels (docs/grading.md)
 
 
 @dataclass
@@ -27,18 +28,43 @@ class Agreement:
     fn: int
 
 
-def load_labels(path: str | Path = LABELS) -> list[dict]:
+def load_labels(path: str | Path = LABELS, labels: tuple[str, ...] = ("label",)) -> list[dict]:
+    """Labelled rows; every field in `labels` must be true or false."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: labels not found (the validation set lives in the repository's tests/data/)")
     rows = list(read_jsonl(path))
     for n, r in enumerate(rows, 1):
-        for key in ("id", "question", "answer", "refs", "label"):
+        for key in ("id", "question", "answer", "refs", *labels):
             if key not in r:
                 raise ValueError(f"{path}: row {n}: missing field '{key}'")
-        if not isinstance(r["label"], bool):
-            raise ValueError(f"{path}: row {n} (id {r['id']}): 'label' must be true or false (unlabelled row?)")
+        for key in labels:
+            if not isinstance(r[key], bool):
+                raise ValueError(f"{path}: row {n} (id {r['id']}): '{key}' must be true or false (unlabelled row?)")
     return rows
+
+
+def write_sample(path: str | Path, rows: list[dict], blank: dict) -> None:
+    """Write a labelling sample atomically. `blank` names the label fields with their unlabelled values;
+    labels already made for the same (id, answer) are kept, so a rerun of a sampler never loses hand work."""
+    path = Path(path)
+    done = {(r["id"], r["answer"]): r for r in read_jsonl(path)}
+    lost = [k[0] for k, r in done.items() if any(r.get(f) not in (v, None) for f, v in blank.items() if f != "note")
+            and k not in {(x["id"], x["answer"]) for x in rows}]
+    if lost:
+        raise ValueError(f"{path}: the new sample drops {len(lost)} labelled answers (e.g. {lost[0]}); "
+                         "write it elsewhere with --out")
+    out = [{**r, **{k: done.get((r["id"], r["answer"]), {}).get(k, v) for k, v in blank.items()}} for r in rows]
+    atomic_write_jsonl(path, out)
+
+
+def srr_agreement(rows: list[dict]) -> list[Agreement]:
+    """The strict grader's self-refutation reading against the self-refutation labels: whether the answer
+    states the new fact (SRR's denominator) and whether it refutes itself (its numerator)."""
+    grades = [grade(r["question"], r["answer"], r["refs"], r.get("old_refs", [])) for r in rows]
+    return [score(f"{STRICT} asserts_new", "srr-set", [g.asserts_new for g in grades], [r["asserts_new"] for r in rows]),
+            score(f"{STRICT} self_refutes", "srr-set", [g.self_refutes for g in grades],
+                  [r["self_refutes"] for r in rows])]
 
 
 def score(judge: str, split: str, verdicts: list[bool], labels: list[bool]) -> Agreement:
@@ -94,7 +120,7 @@ def table_lines(rows: list[dict], table: list[Agreement]) -> list[str]:
         return "n/a" if x is None else f"{100 * x:.1f}%"
     pos = sum(r["label"] for r in rows)
     lines = [f"hand labels: {len(rows)} answers, {pos} labelled correct; held out: "
-             f"{sum(bool(r.get('heldout')) for r in rows)}",
+             f"{sum(bool(r.get('heldout')) for r in rows)}; srr-set: the self-refutation labels",
              f"{'judge':<40} {'split':<9} {'n':>4} {'agree':>7} {'precision':>9} {'recall':>7}"]
     lines += [f"{a.judge:<40} {a.split:<9} {a.n:>4} {pct(a.agree):>7} {pct(a.precision):>9} {pct(a.recall):>7}"
               for a in table]

@@ -15,7 +15,7 @@ from typing import Any
 from .chat import ContentFilterError
 from .files import atomic_write_json, read_json
 from .grade import grade
-from .judge import STRICT, Backend, Item, ask_parsed, item_key, output_dir, run_items
+from .judge import STRICT, Backend, Item, ask_parsed, item_key, judge_rows, output_dir
 from .mquake import target_str
 from .probes import CONFLICT_PER_REWRITE, OLD_PER_REWRITE, load_records, normalize_answer
 from .prompts import SELF_REFUTE_CHOICES, WHY_CHOICES, self_refute_messages, why_messages
@@ -375,7 +375,7 @@ def compare_with_original(orig_flags: dict[str, dict], ce_flags: dict[str, dict]
 def run_analyze(input_path: str | Path, backend: Backend, *, output: str | Path | None = None,
                 checkpoint: str | Path | None = None, resume: bool = True, rewrite_why: Backend | None = None,
                 progress: bool = True) -> dict:
-    """Self-refutation (always; LLM or rule-based per `backend`), rationale alignment when a
+    """Self-refutation (always; LLM or the strict grader per `backend`), rationale alignment when a
     `rewrite_why` backend is given, and, for an extract-ce directory, the comparison with the
     original run. Writes analysis/pred_analysis.json and .txt; returns the json content."""
     input_path = Path(input_path)
@@ -385,9 +385,7 @@ def run_analyze(input_path: str | Path, backend: Backend, *, output: str | Path 
     out = output_dir(input_path, "analysis")
     items, skipped = self_refute_items(records)
     ckpt = Path(checkpoint) if checkpoint else out / "pred_self_refute_analysis_llm_judge_ckpt.jsonl"
-    rows = run_items(items, decide_self_refute(backend), checkpoint=ckpt, judge_id=backend.label,
-                     max_workers=backend.max_workers, resume=resume and backend.client is not None,
-                     progress=progress)
+    rows = judge_rows(items, decide_self_refute(backend), backend, ckpt, resume=resume, progress=progress)
     flags = rewrite_flags(items, rows)
     result: dict[str, Any] = {
         "judge": backend.label, "input": str(input_path),
@@ -405,9 +403,8 @@ def run_analyze(input_path: str | Path, backend: Backend, *, output: str | Path 
     }
     if rewrite_why is not None:
         w_items = why_items(records)
-        w_rows = run_items(w_items, decide_why(rewrite_why), checkpoint=out / "rewrite_why_ckpt.jsonl",
-                           judge_id=rewrite_why.label, max_workers=rewrite_why.max_workers, resume=resume,
-                           progress=progress)
+        w_rows = judge_rows(w_items, decide_why(rewrite_why), rewrite_why, out / "rewrite_why_ckpt.jsonl",
+                            resume=resume, progress=progress)
         result["rewrite_why"] = why_summary(w_items, w_rows)
         result["rewrite_why"]["judge"] = rewrite_why.label if rewrite_why.client else WORD_OVERLAP
         atomic_write_json(out / "rewrite_why_consistency_summary.json", result["rewrite_why"])

@@ -44,7 +44,7 @@ class ChatError(RuntimeError):
 
 class ContentFilterError(ChatError):
     """The provider refused or cut the answer with a content filter (finish_reason or error code
-    `content_filter`). Callers that can judge without the model (rule-based fallback) catch this."""
+    `content_filter`). Callers that can judge without the model (the strict grader's fallback) catch this."""
 
 
 def resolve_api_keys(api_key_file: str | None = None, explicit: str | None = None) -> list[str]:

@@ -37,6 +37,7 @@ class _Tok:
     end: int
     sent: int    # sentence index
     line: int    # line index
+    pre: str     # the text between the previous word and this one
 
 
 _WORD = re.compile(r"[^\W_]+")
@@ -63,7 +64,7 @@ def tokens(text: str) -> list[_Tok]:
         if out and _ends_sentence(gap, out[-1]):
             sent += 1
         line += gap.count("\n")
-        out.append(_Tok(m.group().casefold(), m.group(), m.start(), m.end(), sent, line))
+        out.append(_Tok(m.group().casefold(), m.group(), m.start(), m.end(), sent, line, gap))
         last = m.end()
     return out
 
@@ -137,6 +138,7 @@ _HYPOTHETICAL = re.compile(r"^\W*(?:if|suppose|supposing|imagine|assume|assuming
                            r"could be|might be|may be)\b", re.IGNORECASE)
 _OPTIONS_CUE = re.compile(r"\b(?:options?|choices|possibilities|candidates|possible answers)\b", re.IGNORECASE)
 _AFTER_WINDOW = 4
+_CLAUSE_WINDOW = 5
 
 
 def _sentence(toks: list[_Tok], i: int) -> list[int]:
@@ -150,20 +152,33 @@ def _sentence(toks: list[_Tok], i: int) -> list[int]:
 
 
 def _negated(toks: list[_Tok], m: _Mention) -> bool:
-    """A negation cue just before the mention ("not X", "no longer the X", "instead of X", "moved from
-    X"), or a negated verb just after it in the same sentence ("X is not", "X is incorrect")."""
+    """A negation cue before the mention in its clause ("not X", "was not created by X", "no longer the
+    X", "instead of X", "moved from X"), or a negated verb just after it ("X is not", "X is incorrect")."""
     sent = toks[m.first].sent
     j, skipped = m.first - 1, 0
-    while j >= 0 and toks[j].sent == sent and toks[j].fold in _FILLER and skipped < 2:
+    while True:  # cues that end right before the mention, with up to two filler words between
+        for cue in _NEG_BEFORE:
+            k = j - len(cue) + 1
+            if k >= 0 and all(toks[k + i].sent == sent and toks[k + i].fold == cue[i] for i in range(len(cue))):
+                if not (cue == ("replaced",) and j + 1 < m.first and toks[j + 1].fold == "by"):  # "replaced by X"
+                    return True
+        if j < 0 or toks[j].sent != sent or toks[j].fold not in _FILLER or skipped == 2:
+            break
         j, skipped = j - 1, skipped + 1
-    for cue in _NEG_BEFORE:
-        k = j - len(cue) + 1
-        if k >= 0 and all(toks[k + i].sent == sent and toks[k + i].fold == cue[i] for i in range(len(cue))):
+    for k in range(m.first - 1, max(-1, m.first - 1 - _CLAUSE_WINDOW), -1):  # "not" earlier in the clause
+        if toks[k].sent != sent or toks[k].fold in ("but", "however") or _clause_break(toks, k):
+            break
+        if toks[k].fold in ("not", "never", "neither", "nor") or (toks[k].fold == "longer" and k > 0
+                                                                 and toks[k - 1].fold == "no"):
             return True
     if m.first > 0 and toks[m.first - 1].fold == "from" and any(
             toks[k].fold in _CHANGE for k in range(max(0, m.first - 4), m.first - 1) if toks[k].sent == sent):
         return True
-    after = [t.fold for t in toks[m.last + 1:m.last + 1 + _AFTER_WINDOW] if t.sent == sent]
+    after = []
+    for t in toks[m.last + 1:m.last + 1 + _AFTER_WINDOW]:  # the rest of the mention's clause
+        if t.sent != sent or t.fold in ("but", "however") or re.search(r"[,;:()\[\]]", t.pre):
+            break
+        after.append(t.fold)
     for i, w in enumerate(after):
         if w in _BE and i + 1 < len(after) and after[i + 1] in _NEG_WORDS:
             return True
@@ -172,10 +187,19 @@ def _negated(toks: list[_Tok], m: _Mention) -> bool:
     return False
 
 
+def _clause_break(toks: list[_Tok], k: int) -> bool:
+    """A , ; : or bracket between word k and the next one."""
+    return k + 1 < len(toks) and bool(re.search(r"[,;:()\[\]]", toks[k + 1].pre))
+
+
 def _modifier(text: str, toks: list[_Tok], m: _Mention) -> bool:
-    """The name modifies something else: a possessive ("Tokyo's sister city") or a longer name."""
+    """The name modifies something else: a possessive ("Tokyo's sister city"), a longer name, or a
+    heading ("- Madonna:" above what the answer says about her)."""
     end = toks[m.last].end
     if text[end:end + 2] in ("'s", "' "):
+        return True
+    line_end = text.find("\n", end)
+    if re.fullmatch(r"[\s*_]*:[\s*_]*", text[end:line_end if line_end >= 0 else len(text)]):
         return True
     nxt = toks[m.last + 1] if m.last + 1 < len(toks) else None
     return nxt is not None and nxt.sent == toks[m.last].sent and nxt.fold in _NAME_PARTS and nxt.orig[0].isupper()
@@ -183,12 +207,12 @@ def _modifier(text: str, toks: list[_Tok], m: _Mention) -> bool:
 
 def _alternative(text: str, toks: list[_Tok], m: _Mention, lines: list[str]) -> bool:
     """One option of a choice the answer does not make: "X or Y", "either X", a sentence that lists
-    options ("choose from three options: X, Y or Z"), a lettered option ("B) X"), or an item of a list whose items open with the same words ("1. The capital is X /
+    options ("choose from three options: X, Y or Z"), a lettered option ("B) X", "(A) X (B) Y"), or an item of a list whose items open with the same words ("1. The capital is X /
     2. The capital is Y")."""
     sent = toks[m.first].sent
     before = toks[m.first - 1].fold if m.first > 0 and toks[m.first - 1].sent == sent else ""
     after = toks[m.last + 1].fold if m.last + 1 < len(toks) and toks[m.last + 1].sent == sent else ""
-    if before in ("or", "either") or after == "or":
+    if before in ("or", "either", "versus", "vs") or after in ("or", "versus", "vs") or _in_series(toks, m):
         return True
     idx = _sentence(toks, m.first)
     if _OPTIONS_CUE.search(text[toks[idx[0]].start:toks[idx[-1]].end]):
@@ -196,8 +220,22 @@ def _alternative(text: str, toks: list[_Tok], m: _Mention, lines: list[str]) -> 
     line = lines[toks[m.first].line]
     if _OPTION.match(line) or _in_column(lines, toks[m.first].line):
         return True
+    if re.search(r"\(\s*[A-Ea-e]\s*\)\s*$", text[max(0, toks[m.first].start - 8):toks[m.first].start]):
+        return True  # an inline option: "(A) X (B) Y"
     head = _list_head(line)
     return head is not None and sum(_list_head(other) == head for other in lines) >= 2
+
+
+def _in_series(toks: list[_Tok], m: _Mention) -> bool:
+    """An item of an inline enumeration: ", X," / ", X and" / "such as X," / "including X,"."""
+    nxt = toks[m.last + 1] if m.last + 1 < len(toks) and toks[m.last + 1].sent == toks[m.first].sent else None
+    comma_after = nxt is not None and "," in nxt.pre
+    and_after = nxt is not None and nxt.fold in ("and", "or") and "," not in nxt.pre
+    comma_before = "," in toks[m.first].pre and m.first > 0
+    k = m.first
+    introduced = k >= 1 and (toks[k - 1].fold in ("including", "like") or
+                             (k >= 2 and (toks[k - 2].fold, toks[k - 1].fold) == ("such", "as")))
+    return (comma_before and (comma_after or and_after)) or (introduced and comma_after)
 
 
 def _in_column(lines: list[str], k: int, width: int = 4, rows: int = 3) -> bool:
@@ -254,7 +292,9 @@ _STOP = set("""a an the of in on at to by for from with and or but is are was we
 these those what which who whom whose where when why how does do did has have had now let lets us think step
 question answer s t about as into than then there their they he she his her him them we our you your i me my
 not no yes one can could would should will may might also just""".split())
-_BOILERPLATE = re.compile(r"^\s*now,\s*|\s*why\?|let's think step by step\.?", re.IGNORECASE)
+# The probes' fixed wording (eval/probes.py), which says nothing about the relation asked.
+_BOILERPLATE = re.compile(r"^\s*now,\s*|\s*why\?|let's think step by step\.?|tell me about .*? first, and then "
+                          r"answer\.?|answer first, and then tell me about .*?\.?$", re.IGNORECASE | re.MULTILINE)
 _SHORT_ANSWER = 12  # a sentence of at most this many words that names an answer is taken as answering
 
 
@@ -265,6 +305,18 @@ def _relation_words(question: str) -> set[str]:
     words = _WORD.findall(core)
     return {_stem(w.casefold()) for i, w in enumerate(words)
             if (w.islower() or (i == 0 and w.casefold() in _STOP)) and w.casefold() not in _STOP}
+
+
+def _subject_words(question: str, names: Iterable[str]) -> set[str]:
+    """The question's capitalised words that do not open a sentence, stemmed, less the words of `names`
+    (a conflict probe lists both answers): its subject ("Blake's 7", "Canada")."""
+    core = _BOILERPLATE.sub(" ", normalise(question))
+    skip = {_stem(w.casefold()) for n in names for w in _WORD.findall(normalise(n))}
+    out = set()
+    for sentence in re.split(r"[.?!\n]+", core):
+        words = _WORD.findall(sentence)
+        out |= {_stem(w.casefold()) for w in words[1:] if (w[0].isupper() or w.isdigit()) and w.casefold() not in _STOP}
+    return out - skip
 
 
 def _stem(word: str) -> str:
@@ -284,6 +336,16 @@ def _answers_question(toks: list[_Tok], m: _Mention, relation: set[str]) -> bool
     if len(idx) <= _SHORT_ANSWER:
         return True
     return any(_stem(toks[i].fold) in relation for i in idx if not m.first <= i <= m.last)
+
+
+def _states_fact(toks: list[_Tok], m: _Mention, relation: set[str], subject: set[str]) -> bool:
+    """Stricter than answering: a bare answer (the name and at most three more content words, as in
+    "The answer now is X."), or a sentence naming both the question's relation and its subject."""
+    idx = _sentence(toks, m.first)
+    if sum(toks[i].fold not in _STOP for i in idx if not m.first <= i <= m.last) <= 3:
+        return True
+    words = {_stem(toks[i].fold) for i in idx if not m.first <= i <= m.last}
+    return bool(words & relation) and (not subject or bool(words & subject))
 
 
 def _span(toks: list[_Tok], pos: int) -> list[int]:
@@ -308,41 +370,54 @@ def grade(question: str, answer: str, refs: Iterable[str], old_refs: Iterable[st
     text = normalise(answer)
     toks = tokens(text)
     lines = text.split("\n")
-    found = mentions(toks, [r for r in refs if r.strip()], [r for r in old_refs if r.strip()])
+    refs, old_refs = [r for r in refs if r.strip()], [r for r in old_refs if r.strip()]
+    found = mentions(toks, refs, old_refs)
     asserted = [m for m in found if _asserted(text, toks, m, lines)]
     by_first = {m.first: m for m in asserted}
+    relation = _relation_words(question)
 
     def named(span: list[int]) -> _Mention | None:
         return next((by_first[i] for i in span if i in by_first), None)
+
+    subject = _subject_words(question, [*refs, *old_refs])
+
+    def decided(hit: _Mention | None, rule: str, concluded: bool) -> Grade:
+        return _finish(found, asserted, toks, relation, subject, hit, rule, concluded)
 
     # 1) the last strong conclusion ("the answer is X", "Answer: X", "In conclusion, X") decides
     strong = list(_STRONG.finditer(text))
     if strong:
         span = _span(toks, strong[-1].end())
-        return _finish(found, asserted, toks, named(span), f"conclusion: {_quote(text, toks, span, strong[-1].start())!r}")
+        return decided(named(span), f"conclusion: {_quote(text, toks, span, strong[-1].start())!r}", True)
     # 2) else the last weak conclusion ("So, X", "Therefore X") that names the gold or the old answer
     for w in reversed(list(_WEAK.finditer(text))):
         span = _span(toks, w.end())
         if named(span) is not None:
-            return _finish(found, asserted, toks, named(span), f"conclusion: {_quote(text, toks, span, w.start())!r}")
-    # 3) else the first sentence that answers the question and asserts the gold or the old answer
-    relation = _relation_words(question)
+            return decided(named(span), f"conclusion: {_quote(text, toks, span, w.start())!r}", True)
+    # 3) else the first sentence that answers the question and asserts the gold or the old answer,
+    #    unless the answer later withdraws that answer ("... X is not the creator")
     for m in asserted:
-        if _answers_question(toks, m, relation):
-            return _finish(found, asserted, toks, m, f"first answer: {_quote(text, toks, _sentence(toks, m.first))!r}")
+        withdrawn = any(n.gold == m.gold and n.first > m.last and _negated(toks, n) for n in found)
+        if _answers_question(toks, m, relation) and not withdrawn:
+            return decided(m, f"first answer: {_quote(text, toks, _sentence(toks, m.first))!r}", False)
     # 4) else the answer asserts neither
-    return _finish(found, asserted, toks, None, "no answer asserted")
+    return decided(None, "no answer asserted", False)
 
 
-def _finish(found: list[_Mention], asserted: list[_Mention], toks: list[_Tok], hit: _Mention | None,
-            rule: str) -> Grade:
+def _finish(found: list[_Mention], asserted: list[_Mention], toks: list[_Tok], relation: set[str],
+            subject: set[str], hit: _Mention | None, rule: str, concluded: bool) -> Grade:
+    """The verdict, and for SRR: whether the new answer is stated (asserted in a short sentence, or in
+    one that names the question's subject and relation), negated after that, and whether the answer
+    then refutes itself: it negates the new answer or explicitly concludes with the old one, and does
+    not end on the new one."""
     correct = hit is not None and hit.gold
     old = hit is not None and not hit.gold
-    first_new = next((m.first for m in asserted if m.gold), None)
-    negates = first_new is not None and any(m.gold and m.first > first_new and _negated(toks, m) for m in found)
+    stated = next((m for m in asserted if m.gold and _states_fact(toks, m, relation, subject)), None)
+    negates = stated is not None and any(m.gold and m.first > stated.last and _negated(toks, m) for m in found)
+    concludes_old = old and concluded and stated is not None and hit.first > stated.last
     side = " (gold)" if correct else " (old)" if old else ""
-    return Grade(correct, old, rule + side, asserts_new=first_new is not None, negates_new=negates,
-                 self_refutes=first_new is not None and not correct and (negates or old))
+    return Grade(correct, old, rule + side, asserts_new=stated is not None, negates_new=negates,
+                 self_refutes=stated is not None and not correct and (negates or concludes_old))
 
 
 # ---------------------------------------------------------------------------- MQuAKE references
@@ -352,6 +427,8 @@ def alias_table(cases: Iterable[dict]) -> dict[str, list[str]]:
     table: dict[str, list[str]] = {}
     for case in cases:
         for hop in list(case.get("single_hops") or []) + list(case.get("new_single_hops") or []):
+            if not isinstance(hop, dict) or not hop.get("answer"):
+                continue
             known = table.setdefault(hop["answer"], [])
             known += [a for a in hop.get("answer_alias") or [] if a not in known]
     return table
@@ -362,8 +439,8 @@ def old_refs_for(case: dict, hop: int | None, aliases: dict[str, list[str]] | No
     target_new the hop asks for (none for an unedited hop); for a multi-hop question (hop None) the
     case's original answer. Aliases come from `aliases` (see alias_table) or the case's own hops."""
     aliases = aliases if aliases is not None else alias_table([case])
-    if hop is None:
-        old = [case["answer"], *case.get("answer_alias", [])]
+    if hop is None:  # `answer` is optional in MQuAKE files (the method never reads it)
+        old = [case["answer"], *case.get("answer_alias", [])] if case.get("answer") else []
     else:
         new = case["new_single_hops"][hop]
         refs = {new["answer"], *new.get("answer_alias", [])}

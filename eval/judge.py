@@ -144,6 +144,17 @@ def run_items(items: Iterable[Item], decide: Callable[[Item], dict], *, checkpoi
     return results
 
 
+def judge_rows(items: list[Item], decide: Callable[[Item], dict], backend: Backend, checkpoint: Path, *,
+               resume: bool = True, progress: bool = True) -> dict[str, dict]:
+    """key -> verdict row. An endpoint judge goes through the checkpoint (run_items); an offline rule is
+    decided in memory every time, so a changed rule never reuses a stale row, and the checkpoint, which
+    holds other judges' verdicts too, is left as it is."""
+    if backend.client is None:
+        return {it.key: {**decide(it), "key": it.key, "judge_id": backend.label} for it in items}
+    return run_items(items, decide, checkpoint=checkpoint, judge_id=backend.label, max_workers=backend.max_workers,
+                     resume=resume, progress=progress)
+
+
 # ------------------------------------------------------------------ answer correctness
 
 _VERDICT = re.compile(r"<verification>(.*?)</verification>", re.IGNORECASE | re.DOTALL)
@@ -230,9 +241,7 @@ def run_judge(input_path: str | Path, backend: Backend, *, summary_path: str | P
         raise ValueError(f"{input_path}: no per-case records to judge")
     out = output_dir(input_path, "judge")
     items = judge_items(records, stored_old_refs(records, cases))
-    rows = run_items(items, decide_correctness(backend), checkpoint=out / "metrics.judged.ckpt.jsonl",
-                     judge_id=backend.label, max_workers=backend.max_workers, progress=progress,
-                     resume=backend.client is not None)
+    rows = judge_rows(items, decide_correctness(backend), backend, out / "metrics.judged.ckpt.jsonl", progress=progress)
     judged = attach_verdicts(records, rows)
     summary = summarize_judged(judged)
     summary["judge"] = backend.label

@@ -1,6 +1,7 @@
 """RESULTS.md: CODE against its baselines on the embedded model. The `smollm2-135m-instruct` preset on the
-MQuAKE-hard cases that have causal articles, five methods, each run judged twice: by the offline
-rule-based judge and by a local LLM judge that `python -m eval serve` puts behind an OpenAI-compatible URL.
+MQuAKE-hard cases that have causal articles, five methods, each run graded by the strict offline grader
+(the headline) and by the reference's substring rule (for comparison), beside each judge's measured agreement
+with the hand-labelled validation set (docs/grading.md).
 
 Every step resumes (run id "results"; judge and analysis checkpoints), so the command can be repeated
 after an interruption. GPU:  python scripts/results.py        CPU smoke:  python scripts/results.py --small
@@ -14,17 +15,14 @@ import datetime as dt
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 METHODS = ["PreEdited", "InContext", "LoRA", "CaKE", "CausalEdit"]
-JUDGES = ("rule-based", "local")
+JUDGES = ("strict", "substring")  # eval judge's offline rules; results/{judge}/ of each run
 STAGES = ("bootstrap", "sft", "internalize", "eval")  # code_edit.editor's stage names
 
 
@@ -40,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
                     "judges, no report (judge where the run folders are copied to, with the plain command)")
     ap.add_argument("--judge-only", action="store_true", help="edit nothing: judge and report the run folders "
                     "as they stand (an unfinished run is reported with the cases it has, marked N of M)")
-    ap.add_argument("--judge-model", default=None, help="what `eval serve` loads as the local judge (default: "
-                                                        "smollm2-135m-instruct; tiny-random with --small)")
     a = ap.parse_args(argv)
     if a.runs_only and a.judge_only:
         ap.error("--runs-only and --judge-only exclude each other")
@@ -50,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     from code_edit.run import RunError, execute
 
     model_type = "tiny" if a.small else "smollm2-135m-instruct"
-    judge_model = a.judge_model or ("tiny-random" if a.small else "smollm2-135m-instruct")
     n = a.max_cases or (1 if a.small else 20)
     runs: dict[str, tuple[Path, list[str]]] = {}
     for method in a.methods:
@@ -71,12 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.runs_only:
         return 0
 
-    for judge in JUDGES:
-        with (local_judge(judge_model, small=a.small) if judge == "local" else _nothing()) as flags:
-            for method, (run_dir, _) in runs.items():
-                if judge_run(run_dir, judge, flags) != 0:
-                    return 2
-    text = report(runs, model_type=model_type, judge_model=judge_model, small=a.small, argv=argv)
+    for method, (run_dir, _) in runs.items():
+        if judge_run(run_dir) != 0:
+            return 2
+    text = report(runs, model_type=model_type, small=a.small, argv=argv)
     tmp = Path(a.results + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, a.results)
@@ -95,46 +88,25 @@ def existing_run(args: argparse.Namespace) -> Path:
     return d
 
 
-@contextmanager
-def _nothing() -> Iterator[list[str]]:
-    yield ["--rule-based"]
-
-
-@contextmanager
-def local_judge(source: str, *, small: bool) -> Iterator[list[str]]:
-    """`python -m eval serve` on a free 127.0.0.1 port for the duration; yields the judge flags."""
-    cmd = [sys.executable, "-m", "eval", "serve", "--model", source, "--port", "0", "--max-new-tokens", "256"]
-    if small:
-        cmd += ["--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()  # "serving SOURCE at http://127.0.0.1:PORT/v1  (judge with: ...)"
-        if " at http" not in line:
-            raise RuntimeError(f"`{' '.join(cmd)}` did not start (exit code {proc.wait()})")
-        url = line.split(" at ", 1)[1].split()[0]
-        # Many requests in flight keep the GPU busy. Guided: a 135M judge wrote an unparseable reply for 12 of
-        # 15 items even with 3 tries each (CPU trial, case 8772), so its verdicts are constrained to the
-        # well-formed ones (README "python -m eval serve").
-        yield ["--base-url", url, "--judge-model", source, "--max-workers", "32", "--guided-choice"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def judge_run(run_dir: Path, judge: str, flags: list[str]) -> int:
-    """H-Acc / M-Acc and the self-refutation analysis of one run by one judge, kept under results/{judge}/
-    (judge/ and analysis/ hold whichever judge ran last)."""
+def judge_run(run_dir: Path) -> int:
+    """H-Acc / M-Acc of one run by each offline rule, and the strict self-refutation analysis, kept under
+    results/{judge}/ (judge/ and analysis/ hold whichever ran last). The bundled MQuAKE-hard file gives
+    the old answers that runs written before answers stored them (old_ref) lack."""
     from eval.__main__ import main as eval_main
 
     metrics = str(run_dir / "metrics.json")
-    out = run_dir / "results" / judge
-    out.mkdir(parents=True, exist_ok=True)
-    llm = ["--llm-self-refute", "on"] if judge == "local" else []
-    rc = eval_main(["judge", "--input", metrics, "--summary", str(out / "judge_summary.json"), *flags])
+    data = str(ROOT / "eval" / "data" / "MQuAKE-hard.json")
+    for judge in JUDGES:
+        out = run_dir / "results" / judge
+        out.mkdir(parents=True, exist_ok=True)
+        flags = ["--rule-based"] if judge == "strict" else ["--substring"]
+        rc = eval_main(["judge", "--input", metrics, "--summary", str(out / "judge_summary.json"),
+                        "--data_path", data, *flags])
+        if rc != 0:
+            return rc
+    rc = eval_main(["analyze", "--input", metrics, "--rule-based"])
     if rc == 0:
-        rc = eval_main(["analyze", "--input", metrics, *llm, *flags])
-    if rc == 0:
-        shutil.copyfile(run_dir / "analysis" / "pred_analysis.json", out / "pred_analysis.json")
+        shutil.copyfile(run_dir / "analysis" / "pred_analysis.json", run_dir / "results" / "strict" / "pred_analysis.json")
     return rc
 
 
@@ -167,26 +139,11 @@ def stage_table(records: list[dict]) -> tuple[dict[str, float], float, int]:
 
 def answer_words(records: list[dict]) -> tuple[float | None, float | None]:
     """Median length in words of the judged answers (hop-wise and multi-hop) and the fraction of at most 5
-    words: a bare answer either is the entity or is not; a reasoning chain passes the string match only where
-    it names one (the rule-based judge asks whether a reference is a substring of the answer)."""
+    words: a bare answer either is the entity or is not; a reasoning chain must commit to one."""
     from eval.judge import judge_items
 
     n = [len(it.pred.split()) for it in judge_items(records)]
     return (statistics.median(n), sum(w <= 5 for w in n) / len(n)) if n else (None, None)
-
-
-def agreement(run_dir: Path, judge_ids: tuple[str, str]) -> float | None:
-    """The fraction of answers both judges decided (PASS/FAIL) on which they agree, from the run's judge
-    checkpoint, where every judge appends its verdicts (the last row per answer counts)."""
-    from eval.files import read_jsonl
-
-    verdicts: dict[str, dict[str, str]] = {j: {} for j in judge_ids}
-    for row in read_jsonl(run_dir / "judge" / "metrics.judged.ckpt.jsonl"):
-        if row.get("judge_id") in verdicts and row.get("result") in ("PASS", "FAIL"):
-            verdicts[row["judge_id"]][row["key"]] = row["result"]
-    a, b = (verdicts[j] for j in judge_ids)
-    both = a.keys() & b.keys()
-    return sum(a[k] == b[k] for k in both) / len(both) if both else None
 
 
 def edit_devices(runs: dict[str, tuple[Path, list[str]]]) -> str:
@@ -203,107 +160,119 @@ def edit_devices(runs: dict[str, tuple[Path, list[str]]]) -> str:
     return "; ".join(f"{', '.join(ms)} on {n}" for n, ms in groups.items())
 
 
-def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, judge_model: str, small: bool,
-           argv: list[str] | None) -> str:
+def judge_agreement() -> list:
+    """Each judge against the hand labels (eval.agreement): the strict grader, the substring rule and the
+    local LLM judge whose verdicts the validation set recorded; then the grader's self-refutation reading."""
+    from eval.agreement import SRR_LABELS, agreement_table, judge_verdicts, load_labels, srr_agreement
+
+    rows = load_labels()
+    srr = srr_agreement(load_labels(SRR_LABELS, ("asserts_new", "self_refutes")))
+    return rows, agreement_table(rows, judge_verdicts(rows)) + srr
+
+
+def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, small: bool, argv: list[str] | None) -> str:
     from eval.files import read_json
 
-    def judge_device() -> str:  # where local_judge's `eval serve` ran: this machine's default device
-        import torch
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (float32)"
-
+    labels, table = judge_agreement()
+    strict = {a.split: a for a in table if a.judge == "strict"}
+    refutes = next(a for a in table if a.judge == "strict self_refutes")
     lines = [f"# Results: {model_type} on MQuAKE-hard (cases with causal articles)", "",
-             f"Date {dt.date.today().isoformat()}; edits ran on {edit_devices(runs)}; the local judge ran on "
-             f"{judge_device()}; command `python scripts/results.py "
-             f"{' '.join(argv if argv is not None else sys.argv[1:])}`. H-Acc: hop-wise accuracy; M-Acc: a case "
-             "passes when any of its 3 multi-hop questions does; SRR: self-refutation rate among rewrites whose "
-             "answer stated the new fact. All in %.", "",
-             "| method | cases | H-Acc rule | M-Acc rule | SRR rule | H-Acc LLM | M-Acc LLM | SRR LLM |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    verdicts = ["", "How often each judge said PASS over every judged answer, and how often the two agree (a "
-                "judge that passes nearly everything, or disagrees with string matches, cannot rank the methods), "
-                "and how long the answers are (the rule-based judge passes an answer that contains a reference "
-                "answer: a bare entity is judged on the entity, a long chain on whether it names one anywhere):",
-                "", "| method | answers judged | PASS rule % | PASS LLM % | judges agree % | LLM errors | "
-                "median words | ≤ 5 words % |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Date {dt.date.today().isoformat()}; edits ran on {edit_devices(runs)}; graded on this machine's CPU; "
+             f"command `python scripts/results.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+             "H-Acc: hop-wise accuracy; M-Acc: a case passes when any of its 3 multi-hop questions does; SRR: "
+             "self-refutation rate among rewrites whose hop answers assert the new fact (the paper's SRR). All in %.",
+             "",
+             f"Graded by the strict offline grader (`eval/grade.py`, docs/grading.md): an answer is correct when it "
+             f"asserts the gold answer as its answer. It agrees with {len(labels)} hand-labelled answers of these "
+             f"runs {_pct(strict['all'].agree)}% of the time (precision {_pct(strict['all'].precision)}%, recall "
+             f"{_pct(strict['all'].recall)}%; {_pct(strict['held-out'].agree)}% on the {strict['held-out'].n} "
+             "answers held out while its rules were written). Its self-refutation reading, which gives SRR, is "
+             f"weaker: on {refutes.n} answers labelled for self-refutation it flags {refutes.tp + refutes.fp}, of "
+             f"which {refutes.tp} are self-refutations (precision {_pct(refutes.precision)}%, recall "
+             f"{_pct(refutes.recall)}%), so the SRR column likely overstates self-refutation.", "",
+             "| method | cases | H-Acc | M-Acc | SRR | asserted rewrites | answers asserting the old fact % | "
+             "median words | ≤ 5 words % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    reference = ["", "The reference's metric, for comparison with published tables: a gold alias anywhere in the "
+                 "answer, case-insensitive (`python -m eval judge --substring`). It credits 'NA' inside \"manager\" "
+                 "and a chain that names the entity without asserting it; its agreement with the hand labels is in "
+                 "the next table.", "", "| method | H-Acc substring | M-Acc substring |", "|---|---:|---:|"]
     timing = ["", "Seconds per case by stage (mean; an MQuAKE-hard case edits its 4 facts together) and peak "
               "GPU memory:", "",
               "| method | " + " | ".join(STAGES) + " | peak GiB |", "|---|" + "---:|" * (len(STAGES) + 1)]
     unfinished: list[str] = []
     cached_note: list[str] = []
     for method, (run_dir, argv_run) in runs.items():
-        cells, summaries = [], {}
-        for judge in JUDGES:
-            j = read_json(run_dir / "results" / judge / "judge_summary.json", f"{method} {judge} judge summary")
-            summaries[judge] = j
-            an = read_json(run_dir / "results" / judge / "pred_analysis.json", f"{method} {judge} analysis")
-            cells += [_pct(j["overall_hop_wise_average"]), _pct(j["accuracy_averages"]["any_right_accuracy"]),
-                      _pct(an["summary"]["SRR"]["rate"])]
+        j = {k: read_json(run_dir / "results" / k / "judge_summary.json", f"{method} {k} judge summary")
+             for k in JUDGES}
+        an = read_json(run_dir / "results" / "strict" / "pred_analysis.json", f"{method} strict analysis")
         records = read_json(run_dir / "metrics.json", f"{method} metrics.json")
         planned = sum(len(u["case_ids"]) for u in read_json(run_dir / "requests.json", f"{method} requests.json"))
         of = f" of {planned}" if len(records) < planned else ""
         if of:
             unfinished.append(f"{method} ({len(records)}{of} cases)")
-        lines.append(f"| {method} | {len(records)}{of} | " + " | ".join(cells) + " |")
-        rule, llm = summaries["rule-based"]["items"], summaries["local"]["items"]
+        st, srr = j["strict"], an["summary"]["SRR"]
+        asserted = an["summary"]["asserted_rewrites"]
         words = answer_words(records)
-        agree = agreement(run_dir, (summaries["rule-based"]["judge"], summaries["local"]["judge"]))
-        share = [_pct(j["PASS"] / j["total"] if j["total"] else None) for j in (rule, llm)]
         median = "n/a" if words[0] is None else f"{words[0]:g}"
-        verdicts.append(f"| {method} | {rule['total']} | {share[0]} | {share[1]} | {_pct(agree)} | {llm['ERROR']} | "
-                        f"{median} | {_pct(words[1])} |")
+        old = st["items"]["asserts_old"] / st["items"]["total"] if st["items"]["total"] else None
+        lines.append(f"| {method} | {len(records)}{of} | {_pct(st['overall_hop_wise_average'])} | "
+                     f"{_pct(st['accuracy_averages']['any_right_accuracy'])} | {_pct(srr['rate'])} | "
+                     f"{asserted['yes']} of {asserted['total']} | {_pct(old)} | {median} | {_pct(words[1])} |")
+        sub = j["substring"]
+        reference.append(f"| {method} | {_pct(sub['overall_hop_wise_average'])} | "
+                         f"{_pct(sub['accuracy_averages']['any_right_accuracy'])} |")
         means, peak, n_cached = stage_table(records)
         if n_cached:
             cached_note.append(f"{method} {n_cached} of {len(records)}")
-        timing.append(f"| {method} | " + " | ".join(f"{means[s]:.1f}" if s in means else "-" for s in
-                                                    STAGES)
+        timing.append(f"| {method} | " + " | ".join(f"{means[s]:.1f}" if s in means else "-" for s in STAGES)
                       + f" | {peak:.1f} |")
     if unfinished:
         lines += ["", "**Not finished when this was written:** " + ", ".join(unfinished) + ". Their rows and "
                   "timings cover the finished cases only; rerun the command when the runs are done."]
-    lines += ["", f"LLM judge: `{judge_model}` served by `python -m eval serve`, greedy and constrained to the "
-              "well-formed verdicts (`--guided-choice`: it picks a verdict without writing its reasoning). Run folders: "
-              + ", ".join(f"`{d}`" for d, _ in runs.values()) + "."]
+    lines += ["", "Run folders: " + ", ".join(f"`{d}`" for d, _ in runs.values()) + "."]
+    agree = ["", f"Each judge against the hand labels ({len(labels)} answers of these runs, "
+             f"{sum(r['label'] for r in labels)} labelled correct; `python -m eval judge-agreement`). A judge is "
+             "reported here only with these numbers; the local LLM judge (the 135M model itself, served by "
+             "`python -m eval serve` with guided choice) is kept out of the headline because of them.", "",
+             "| judge | answers | agreement % | precision % | recall % |", "|---|---:|---:|---:|---:|"]
+    split_note = {"all": "", "held-out": " (held out)", "srr-set": " (self-refutation labels)"}
+    agree += [f"| {a.judge}{split_note[a.split]} | {a.n} | {_pct(a.agree)} | {_pct(a.precision)} | "
+              f"{_pct(a.recall)} |" for a in table]
     if cached_note:
         timing += ["", "The bootstrap mean leaves out the cases whose candidates all came from the bootstrap cache "
                    "(written by an earlier run on the same cases; ~0 s): " + ", ".join(cached_note) + "."]
     if not small:
         timing += ["", "A fresh process also compiles (torch.compile) during its first case, and these means include "
                    "that; BENCHMARKS.md \"SmolLM2\" has the steady-state seconds and the first-case cost."]
-    lines += verdicts + timing
+    lines += reference + agree + timing
     lines += ["", "Each method's run, as `python scripts/results.py` starts it (it resumes, so a repeat or a "
               "`--runs-only` call on another machine runs the same):", ""]
     lines += [f"- {m}: `python -m code_edit {' '.join(argv_run)}`" for m, (_, argv_run) in runs.items()]
     if small:
-        lines += ["", "Smoke run (--small): a random tiny model and a random judge; the numbers mean nothing."]
+        lines += ["", "Smoke run (--small): a random tiny model; the numbers mean nothing."]
     else:
         lines += ["", *SCALE_NOTE]
     return "\n".join(lines) + "\n"
 
 
-# What a 135M model run can and cannot tell (issue P7 asks RESULTS.md to say it).
+# What a 135M model run can and cannot tell.
 SCALE_NOTE = [
     "## What a 135M model can and cannot show",
     "",
-    "Can: that every stage runs end to end on real weights with the paper's hyperparameters, what each stage "
-    "costs in time and memory, and how the methods compare on this one model: InContext (the article in the "
-    "prompt, the teacher's ceiling) against PreEdited (no edit), and the trained editors between or below them.",
+    "Can: that every stage runs end to end on real weights, what each stage costs in time and memory, and how "
+    "the methods compare on this one model: InContext (the article in the prompt, the teacher's ceiling) against "
+    "PreEdited (no edit), and the trained editors between or below them.",
     "",
     "Cannot: the paper's accuracy levels, which come from 7-8B models. A 135M model is a weak reasoner: its "
-    "open-book thoughts (the SFT targets) are only as good as it writes them, and multi-hop questions need "
-    "it to chain facts it may not hold, so low M-Acc for every method says little about the method. With 20 "
-    "cases one case moves M-Acc by 5 points. The local judge is the same 135M model: it is a weak judge (left "
-    "to write freely it rarely produced a parseable verdict, hence the constrained choice; constrained, it failed "
-    "answers that equal the gold reference in a CPU trial). Where the agreement column is near or below chance, "
-    "the LLM columns measure the judge, not the methods, and the rule-based columns are the reading to use. SRR "
-    "counts only rewrites whose answer stated the new fact, which may be few here.",
+    "open-book thoughts (the SFT targets) are only as good as it writes them, and multi-hop questions need it to "
+    "chain facts it may not hold. With 20 cases one case moves M-Acc by 5 points. SRR counts only rewrites whose "
+    "hop answers asserted the new fact (the asserted-rewrites column), which are few here.",
     "",
-    "Answer form shapes the rule-based columns. LoRA and CaKE fine-tune on the bare answer to each edit's own "
-    "question, so they answer in a word or two, and on the edited hop, asked much as they were trained on it, "
-    "that word is usually the new answer. CausalEdit's targets are the model's own open-book reasoning chains, "
-    "and InContext and PreEdited are the untouched model, so they answer in paragraphs; at 135M those often "
-    "drift before, or without, naming an entity. The answer-length columns above say which kind each row is; "
-    "compare rule-based rows of the same kind.",
+    "Answer form: LoRA and CaKE fine-tune on the bare answer to each edit's own question, so they answer in a "
+    "word or two, and on the edited hop that word is usually the new answer. CausalEdit, InContext and PreEdited "
+    "answer in paragraphs (the answer-length columns), which at 135M often drift before, or without, committing "
+    "to an answer; the strict grader credits a paragraph only when it asserts the gold answer as its answer.",
 ]
 
 

@@ -176,7 +176,7 @@ def test_preflight_says_what_is_missing_on_cpu(tmp_path, monkeypatch, capsys):
     assert "[FAIL] GPU: no CUDA GPU visible" in out and "about 31 GiB free" in out
     assert "[FAIL] weights meta-llama/Llama-3.1-8B-Instruct: not in the Hugging Face cache" in out
     assert "MQuAKE-T_causalenhanced.json" in out and "--data_path" in out
-    assert "offline rule-based judge will be used" in out and "NOT ready" in out
+    assert "strict offline grader will be used" in out and "NOT ready" in out
 
     # network up, no token: the gated model says what to do; a key is never printed
     monkeypatch.setattr(P, "can_connect", lambda *a, **k: True)

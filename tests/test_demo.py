@@ -1,5 +1,5 @@
 """`make demo`'s driver (code_edit.demo) in its --smoke form: the tiny random model on the same two
-MQuAKE-hard cases through the real CLI runs and the rule-based analysis; the printed table is checked
+MQuAKE-hard cases through the real CLI runs and the strict-grader analysis; the printed table is checked
 row by row against the stored records, and a rerun reuses the finished runs. Plus the demo preset,
 the "auto" model dtype and the Makefile target."""
 import argparse
@@ -14,6 +14,7 @@ import torch
 
 from code_edit import demo
 from code_edit.config import load_hparams
+from eval.grade import grade
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def test_outputs_hold_both_methods_on_the_same_article_cases(smoke):
         d = run_dir(root, method)
         assert json.loads((d / "meta" / "run_info.json").read_text())["status"] == "finished"
         an = json.loads((d / "analysis" / "pred_analysis.json").read_text())
-        assert an["judge"] == "rule-based"
+        assert an["judge"] == "strict"
         assert (d / "analysis" / "pred_analysis.txt").is_file() and (d / "res.json").is_file()
 
 
@@ -91,6 +92,11 @@ def _collapsed(text: str) -> str:
 
 def _yn(b: bool) -> str:
     return "yes" if b else "no"
+
+
+def _strict(item: dict) -> bool:
+    """The table's correct? column is the strict grader's verdict (eval.grade, tested in test_grade.py)."""
+    return grade(item["prompt"], item["pred"], item["ref"], item.get("old_ref") or []).correct
 
 
 def test_table_rows_match_the_records(smoke):
@@ -115,15 +121,18 @@ def test_table_rows_match_the_records(smoke):
                 text = _collapsed(item["pred"])
                 if not any(r.lower() in text.lower() for r in item["ref"]):
                     assert (text[:12] or "(empty)") in row
-            ok = f"{_yn(b['post']['hop_wise'][h][1])} → {_yn(rec['post']['hop_wise'][h][1])}"
-            counts = f"{sum(b['post']['hop_wise'][h])}/3 → {sum(rec['post']['hop_wise'][h])}/3"
+            sb = [_strict(d) for d in b["post"]["hop_wise_pred"][h]]
+            sa = [_strict(d) for d in rec["post"]["hop_wise_pred"][h]]
+            ok = f"{_yn(sb[1])} → {_yn(sa[1])}"
+            counts = f"{sum(sb)}/3 → {sum(sa)}/3"
             assert ok in row and counts in row
         multi = [line for line in block if re.match(r"\s+multi-hop \d", line)]
         assert len(multi) == len(rec["post"]["accuracy_pred"]) == 3
         for i, row in enumerate(multi):
             assert rec["post"]["accuracy_pred"][i]["q"][:20] in row
-            assert row.rstrip().endswith(f"{_yn(b['post']['accuracy'][i])} → {_yn(rec['post']['accuracy'][i])}")
-        assert any("self-refutation (rule-based" in line for line in block)
+            verdicts = (_strict(b["post"]["accuracy_pred"][i]), _strict(rec["post"]["accuracy_pred"][i]))
+            assert row.rstrip().endswith(f"{_yn(verdicts[0])} → {_yn(verdicts[1])}")
+        assert any("self-refutation (strict grader" in line for line in block)
         flags_b = json.loads((run_dir(root, "PreEdited") / "analysis" / "pred_analysis.json").read_text())["rewrites"]
         flags_a = json.loads((run_dir(root, "CausalEdit") / "analysis" / "pred_analysis.json").read_text())["rewrites"]
         sr_rows = [line for line in block if re.match(r"\s+rw\d+ ", line)]

@@ -262,3 +262,19 @@ def test_summarize_judged_hand_built():
     assert s["accuracy_averages"]["any_right_accuracy"] == pytest.approx(0.5)
     assert s["items"] == {"total": 18, "PASS": 7, "FAIL": 7, "ERROR": 4, "asserts_old": 0}
     assert s["cases_with_errors"] == 1
+
+
+def test_offline_judging_keeps_other_judges_checkpoint_rows(tmp_path, monkeypatch):
+    """The checkpoint holds every judge's verdicts; an offline (strict) run decides in memory and must not
+    drop an LLM judge's rows from it."""
+    monkeypatch.delenv("CODE_EDIT_API_KEYS", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    path = write_run(tmp_path, fixture_records())
+    ckpt = path.parent / "judge" / "metrics.judged.ckpt.jsonl"
+    ckpt.parent.mkdir(parents=True)
+    row = {"result": "PASS", "raw": "x", "method": "llm", "key": "k1", "judge_id": "llm:some-model"}
+    ckpt.write_text(json.dumps(row) + "\n")
+    from eval.__main__ import main
+    assert main(["judge", "--input", str(path)]) == 0
+    assert main(["analyze", "--input", str(path)]) == 0
+    assert [json.loads(x) for x in ckpt.read_text().splitlines()] == [row]

@@ -133,7 +133,7 @@ def test_judge_end_to_end_against_local_server(tmp_path, tok):
     assert all(v["result"] == "PASS" and v["method"] == "llm" and v["raw"].startswith(VERDICT + "PASS</")
                for v in verdicts)
     # the model says PASS to everything (even "Lyon" for gold "Paris"): the summary shows what it said
-    assert s["judge"] == "llm:verdict" and s["items"] == {"total": 18, "PASS": 18, "FAIL": 0, "ERROR": 0}
+    assert s["judge"] == "llm:verdict" and s["items"] == {"total": 18, "PASS": 18, "FAIL": 0, "ERROR": 0, "asserts_old": 0}
     assert s["overall_hop_wise_average"] == 1.0 and s["accuracy_averages"]["any_right_accuracy"] == 1.0
 
 
