@@ -13,13 +13,16 @@
 # JOB: p4 = CausalEdit, smollm2 preset, 5 MQuAKE-hard cases (issue P4); results = scripts/results.py
 # --runs-only (P7: 5 methods x 20 cases; the judges and RESULTS.md then run on the CPU machine, from the
 # unpacked state: `python scripts/results.py --judge-only --output_root .gpu_state/results --cache_dir
-# .gpu_state/cache`, which never edits there, so GPU time goes to edits only); all = p4, then results.
+# .gpu_state/cache`, which never edits there, so GPU time goes to edits only); all = p4, then results;
+# e2 = issue E2's study arms in parallel (bench/e2_study.py; E2_ARMS, E2_CASES) beside the teacher answers.
 # Every job resumes where its run folders stop; all share one bootstrap cache.
 set -u
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 P4=(python3 -m code_edit --editing_method CausalEdit --datatype MQuAKE-hard --model_type smollm2-135m-instruct
     --max_cases 5 --run_id h200 --output_root .gpu_state/out --cache_dir .gpu_state/cache)
 RESULTS=(python3 scripts/results.py --runs-only --output_root .gpu_state/results --cache_dir .gpu_state/cache)
+E2_ARMS=${E2_ARMS:-sft-lr,sft-lr_in-context,sft-lr_answer-line,sft-lr_in-context_answer-line}
+E2_CASES=${E2_CASES:-10}
 case "$1" in
   start)
     [ -d .gpu_state ] || { [ -f bench/runs/gpu_state.tgz ] && tar xzf bench/runs/gpu_state.tgz; }
@@ -29,13 +32,17 @@ case "$1" in
       results) setsid nohup "${RESULTS[@]}" >> /tmp/gpu_job.log 2>&1 < /dev/null &;;
       all) setsid nohup bash -c "$(printf '%q ' "${P4[@]}") && $(printf '%q ' "${RESULTS[@]}")" \
              >> /tmp/gpu_job.log 2>&1 < /dev/null &;;
+      e2) setsid nohup bash -c "python3 bench/e2_study.py teacher --cases $E2_CASES & \
+             python3 bench/e2_study.py run --arms $E2_ARMS --cases $E2_CASES; wait" \
+             >> /tmp/gpu_job.log 2>&1 < /dev/null &;;
       *) echo "unknown job $2"; exit 2;;
     esac
     echo "started $2 ($!)";;
   wait)
     end=$((SECONDS + $2))
-    while [ $SECONDS -lt $end ] && pgrep -f 'code_edi[t] --editing_method|scripts/result[s].py' >/dev/null; do sleep 5; done
-    tr '\r' '\n' < /tmp/gpu_job.log | grep -v '^\s*$' | grep -v -i 'warn\|online softmax\|split the reduction\|important use case' | tail -15;;
+    while [ $SECONDS -lt $end ] && pgrep -f 'code_edi[t] --editing_method|scripts/result[s].py|e2_stud[y].py' >/dev/null; do sleep 5; done
+    tr '\r' '\n' < /tmp/gpu_job.log | grep -v '^\s*$' | grep -v -i 'warn\|online softmax\|split the reduction\|important use case' | tail -15
+    for f in /tmp/e2_*.log; do [ -f "$f" ] && echo "== $f" && tr '\r' '\n' < "$f" | grep -v '^\s*$' | grep -v -i 'warn' | tail -3; done; true;;
   pack) tar czf "$OUT/gpu_state.tgz" .gpu_state
         [ -d /tmp/inductor_cache ] && { tar czf "$OUT/inductor.tgz" -C /tmp/inductor_cache . 2>/dev/null || true; }
         # a returned file may hold 16 MiB: a larger cache comes back in parts (cat inductor.tgz.part-* here)

@@ -109,6 +109,14 @@ class InternalizeSettings:
     importance_sampling_cap: float
     disable_dropout: bool
     seed: int
+    # The open-book teacher (defaults: the paper's). teacher_form "system_sheet": the cheat-sheet system
+    # turn of METHOD.md 2.3; "in_context": no system turn, the article(s) before the user turn, as the
+    # InContext method reads them. teacher_articles "own": the rewrite's article; "case": every article of
+    # the rewrite's case that is edited in the same unit. teacher_answer_line: the teacher (never the
+    # student) is told to end with "The answer now is {new answer}."
+    teacher_form: str
+    teacher_articles: str
+    teacher_answer_line: bool
 
 
 @dataclass(frozen=True)
@@ -172,6 +180,8 @@ _CHOICES = {
     "bootstrap.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "internalize.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "internalize.direction": ("forward", "reverse"),
+    "internalize.teacher_form": ("system_sheet", "in_context"),
+    "internalize.teacher_articles": ("own", "case"),
 }
 # Keys that may be 0; every other int must be >= 1 (seeds are free).
 _ZERO_OK = {

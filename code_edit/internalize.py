@@ -41,13 +41,16 @@ class PoolRow:
 
 
 def prompt_pool(requests: Sequence[EditRequest], *, mode: str = "causal", cake: bool = False,
-                replica_times: int = 1) -> list[PoolRow]:
+                replica_times: int = 1, teacher_form: str = "system_sheet", teacher_articles: str = "own",
+                answer_line: bool = False) -> list[PoolRow]:
     """All distillation prompts for the edited requests, in the reference's order.
 
     Per request: the edit question, then its cloze ("{template(subject)} ?"), each with the mode's
     variant multiset (7 causal -> 14 rows, 6 noncausal -> 12 rows); with `cake`, then 7 rows for
     every rephrase question and every learning question. The teacher's cheat sheet always anchors
-    on the edit question. The whole list is repeated `replica_times` times.
+    on the edit question. The whole list is repeated `replica_times` times. The teacher's prompt:
+    `teacher_form`, `teacher_articles` and `answer_line` as the [internalize] keys of the same names
+    (code_edit/config.py) describe; the defaults are the paper's.
     """
     if replica_times < 1:
         raise ValueError(f"replica_times must be >= 1, got {replica_times}")
@@ -66,6 +69,7 @@ def prompt_pool(requests: Sequence[EditRequest], *, mode: str = "causal", cake: 
         for q, source, idx, variants in questions:
             specs.extend((e, req, q, source, idx, v) for v in variants)
 
+    articles = _teacher_articles(requests, teacher_articles)
     rows: list[PoolRow] = []
     for _ in range(replica_times):
         for e, req, q, source, idx, variant in specs:
@@ -76,10 +80,25 @@ def prompt_pool(requests: Sequence[EditRequest], *, mode: str = "causal", cake: 
                 student_messages=student_messages(q, variant, mode),
                 teacher_messages=teacher_messages(
                     req.question, user, old_answer=req.old_answer, new_answer=req.new_answer,
-                    article=req.article if mode == "causal" else None, mode=mode),
+                    article=articles[e] if mode == "causal" else None, mode=mode, form=teacher_form,
+                    answer_line=answer_line),
                 old_answer=req.old_answer, new_answer=req.new_answer,
             ))
     return rows
+
+
+def _teacher_articles(requests: Sequence[EditRequest], which: str) -> list[str | None]:
+    """Per request, the article text its teacher reads: its own ("own"), or every distinct article of the
+    requests of the same case, in request order, blank-line separated ("case")."""
+    if which == "own":
+        return [req.article for req in requests]
+    if which != "case":
+        raise ValueError(f"teacher_articles must be 'own' or 'case', got {which!r}")
+    by_case: dict[object, list[str]] = {}
+    for req in requests:
+        if req.article and req.article.strip() not in by_case.setdefault(req.case_id, []):
+            by_case[req.case_id].append(req.article.strip())
+    return ["\n\n".join(by_case[req.case_id]) or None for req in requests]
 
 
 def max_steps(num_edits: int, *, base: int, per_extra_edit: int, override: int = 0) -> int:
@@ -161,7 +180,9 @@ def internalize(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: Any,
     from train.distill import Distiller
 
     it = cfg.internalize
-    rows = prompt_pool(requests, mode=cfg.editing_mode, cake=it.cake_data, replica_times=it.data_replica_times)
+    rows = prompt_pool(requests, mode=cfg.editing_mode, cake=it.cake_data, replica_times=it.data_replica_times,
+                       teacher_form=it.teacher_form, teacher_articles=it.teacher_articles,
+                       answer_line=it.teacher_answer_line)
     steps = max_steps(len(requests), base=it.max_steps_base, per_extra_edit=it.max_steps_per_extra_edit,
                       override=it.max_steps)
     draws = prompt_draws(len(rows), it.prompts_per_step, steps, seed)

@@ -119,6 +119,18 @@ def teacher_system_prompt(
     )
 
 
+TEACHER_FORMS = ("system_sheet", "in_context")
+# The in-context teacher's preamble: the InContext method's reading of the article, plus a rule against
+# citing it, because the student learns the teacher's wording and never sees an article.
+IN_CONTEXT_PREAMBLE = (
+    "The article below is authoritative, up-to-date knowledge and an absolute fact; do not doubt it. Answer "
+    "the question as if you had always known this: never mention an article, a text, a report or a source.")
+
+
+def answer_line_instruction(new_answer: str) -> str:
+    return f"End your reply with this line: {answer_sentence(new_answer)}"
+
+
 def teacher_messages(
     anchor_question: str,
     user_content: str,
@@ -127,12 +139,28 @@ def teacher_messages(
     new_answer: str,
     article: str | None,
     mode: str = "causal",
+    form: str = "system_sheet",
+    answer_line: bool = False,
 ) -> Messages:
-    """Open-book prompt: the cheat-sheet system turn, then the given user turn."""
-    return [
-        {"role": "system", "content": teacher_system_prompt(anchor_question, old_answer, new_answer, article, mode)},
-        {"role": "user", "content": user_content},
-    ]
+    """Open-book prompt. "system_sheet" (the paper's): the cheat-sheet system turn, then the given user
+    turn. "in_context": one user turn, the preamble and the article(s) before the given user turn (the
+    InContext method's view; in noncausal mode there is no article, so only the old/new answers).
+    `answer_line`: the teacher is also told to end with "The answer now is {new_answer}."."""
+    if form not in TEACHER_FORMS:
+        raise ValueError(f"teacher form must be one of {TEACHER_FORMS}, got {form!r}")
+    tail = f"\n\n{answer_line_instruction(new_answer)}" if answer_line else ""
+    if form == "system_sheet":
+        return [
+            {"role": "system", "content": teacher_system_prompt(anchor_question, old_answer, new_answer, article, mode)},
+            {"role": "user", "content": user_content + tail},
+        ]
+    if mode == "causal":
+        if not isinstance(article, str) or not article.strip():
+            raise ValueError(f"teacher prompt (causal mode): an article is required for question {anchor_question!r}")
+        context = article.strip()
+    else:
+        context = f"The answer to \"{anchor_question}\" is now {new_answer} (it used to be {old_answer})."
+    return [{"role": "user", "content": f"{IN_CONTEXT_PREAMBLE}\n\n{context}\n\n{user_content}{tail}"}]
 
 
 def bootstrap_messages(

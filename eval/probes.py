@@ -163,12 +163,12 @@ def assemble_post(case: dict, probes: list[Probe], preds: list[str]) -> dict:
 AnswerFn = Callable[[list[str]], list[str]]
 
 
-def model_answer_fn(model: Any, tokenizer: Any, gen: GenConfig) -> AnswerFn:
-    """Answer user messages with the project's engine: chat template, batched generate, decode."""
-    def answer(prompts: list[str]) -> list[str]:
+def model_chat_fn(model: Any, tokenizer: Any, gen: GenConfig) -> Callable[[list[list[dict]]], list[str]]:
+    """Answer whole conversations (chat messages) with the project's engine: chat template, batched
+    generate, decode."""
+    def answer(conversations: list[list[dict]]) -> list[str]:
         from model import generate  # lazy: the pure parts of eval import without torch models
-        ids = [tokenizer.encode(tokenizer.chat([{"role": "user", "content": p}], add_generation_prompt=True))
-               for p in prompts]
+        ids = [tokenizer.encode(tokenizer.chat(msgs, add_generation_prompt=True)) for msgs in conversations]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
         out: list[str] = [""] * len(ids)
         size = max(1, gen.batch_size or len(order))
@@ -184,6 +184,12 @@ def model_answer_fn(model: Any, tokenizer: Any, gen: GenConfig) -> AnswerFn:
                 out[chunk[c.prompt_index]] = tokenizer.decode(c.tokens, skip_special_tokens=True).strip()
         return out
     return answer
+
+
+def model_answer_fn(model: Any, tokenizer: Any, gen: GenConfig) -> AnswerFn:
+    """Answer user messages (each the single user turn of its conversation)."""
+    chat = model_chat_fn(model, tokenizer, gen)
+    return lambda prompts: chat([[{"role": "user", "content": p}] for p in prompts])
 
 
 def evaluate_case(model: Any, tokenizer: Any, case: dict, gen: GenConfig | None = None,

@@ -1,5 +1,7 @@
 """code_edit.config: every preset loads with METHOD.md 3.1 / 8.2 values; bad files fail naming the key and file."""
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -239,3 +241,26 @@ def test_bad_references(tmp_path):
 
 def test_config_type_is_exported():
     assert isinstance(load_hparams("smollm2-135m-instruct"), CausalEditConfig)
+
+
+TEACHER_KEYS = {"teacher_form": "system_sheet", "teacher_articles": "own", "teacher_answer_line": False}
+
+
+@pytest.mark.parametrize("name", sorted(json.loads((Path(__file__).parent / "data" / "presets_before_e2.json")
+                                        .read_text())))
+def test_presets_resolve_to_their_values_before_the_teacher_keys(name):
+    """Every preset of 2026-12-03 (tests/data/presets_before_e2.json, written from the code of that day)
+    resolves to exactly those values; the teacher-prompt keys added since take the paper's behaviour."""
+    before = json.loads((Path(__file__).parent / "data" / "presets_before_e2.json").read_text())[name]
+    now = json.loads(json.dumps(load_hparams(name).to_dict()))  # tuples -> lists, as in the file
+    assert {k: v for k, v in now["internalize"].items() if k in TEACHER_KEYS} == TEACHER_KEYS
+    now["internalize"] = {k: v for k, v in now["internalize"].items() if k not in TEACHER_KEYS}
+    assert now == before
+
+
+@pytest.mark.parametrize("line", ['teacher_form = "article"', 'teacher_articles = "all"', "teacher_answer_line = 1"])
+def test_teacher_keys_are_checked(tmp_path, line):
+    p = tmp_path / "x.toml"
+    p.write_text(f'extends = "tiny"\n[internalize]\n{line}\n')
+    with pytest.raises(HparamsError, match=line.split()[0]):
+        load_hparams(p)

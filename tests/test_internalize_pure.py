@@ -105,3 +105,31 @@ def test_steps_and_warmup():
         max_steps(0, base=20, per_extra_edit=5)
     assert [warmup_steps(n, 0.2) for n in (20, 35, 465, 2, 1)] == [4, 7, 93, 1, 1]
     assert warmup_steps(480, 0.2) == 96
+
+
+@pytest.mark.parametrize("form", P.TEACHER_FORMS)
+@pytest.mark.parametrize("articles", ["own", "case"])
+def test_teacher_forms_leave_the_student_closed_book(case, form, articles):
+    reqs = edit_requests(case)
+    paper = prompt_pool(reqs, mode="causal")
+    rows = prompt_pool(reqs, mode="causal", teacher_form=form, teacher_articles=articles, answer_line=True)
+    assert [r.student_messages for r in rows] == [r.student_messages for r in paper]
+    for r in rows:
+        student = r.student_messages[0]["content"]
+        assert "article" not in student.lower() and r.new_answer not in student
+        teacher = r.teacher_messages[-1]["content"]
+        assert teacher.endswith(f"End your reply with this line: The answer now is {r.new_answer}.")
+        own = reqs[r.edit_index].article.strip()
+        text = " ".join(m["content"] for m in r.teacher_messages)
+        if articles == "own":
+            assert own in text and all(q.article.strip() not in text for q in reqs if q.article.strip() != own)
+        else:  # every article of the case, in rewrite order
+            assert text.index(reqs[0].article.strip()) < text.index(reqs[-1].article.strip())
+
+
+def test_paper_pool_is_the_default(case):
+    reqs = edit_requests(case)
+    assert prompt_pool(reqs, mode="causal") == prompt_pool(reqs, mode="causal", teacher_form="system_sheet",
+                                                           teacher_articles="own", answer_line=False)
+    with pytest.raises(ValueError, match="teacher_articles"):
+        prompt_pool(reqs, mode="causal", teacher_articles="all")

@@ -156,3 +156,27 @@ def test_rendered_for_both_chat_families(family, header, end):
     full = tok.chat(convo, add_generation_prompt=False)
     assert full.endswith(f"<think>\nbecause x\n</think>\nThe answer now is {NEW}.{end}" + ("\n" if family == "chatml" else ""))
     assert full.rfind(P.answer_sentence(NEW)) > full.rfind(header.format(role="assistant"))
+
+
+def test_in_context_teacher_form():
+    user = P.student_user_content(Q, "think_step")
+    msgs = P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=ARTICLE, form="in_context")
+    assert [m["role"] for m in msgs] == ["user"]  # no cheat-sheet system turn
+    text = msgs[0]["content"]
+    assert text == f"{P.IN_CONTEXT_PREAMBLE}\n\n{ARTICLE}\n\n{user}"
+    assert "never mention an article" in P.IN_CONTEXT_PREAMBLE
+    with pytest.raises(ValueError, match="article is required"):
+        P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=None, form="in_context")
+    nc = P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=None, mode="noncausal", form="in_context")
+    assert NEW in nc[0]["content"] and OLD in nc[0]["content"] and nc[0]["content"].endswith(user)
+    with pytest.raises(ValueError, match="teacher form"):
+        P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=ARTICLE, form="sheet")
+
+
+@pytest.mark.parametrize("form", P.TEACHER_FORMS)
+def test_teacher_answer_line(form):
+    user = P.student_user_content(Q, "direct")
+    plain = P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=ARTICLE, form=form)
+    lined = P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=ARTICLE, form=form, answer_line=True)
+    assert lined[:-1] == plain[:-1]  # only the user turn changes
+    assert lined[-1]["content"] == plain[-1]["content"] + "\n\nEnd your reply with this line: The answer now is Madonna."

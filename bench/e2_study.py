@@ -1,0 +1,270 @@
+"""Issue E2's study: which changes make CausalEdit edit SmolLM2-135M. Arms are hparams files under
+bench/study/e2/ (each extends smollm2-135m-instruct); every arm edits the same MQuAKE-hard article cases.
+    GPU:  python bench/e2_study.py run --arms sft-lr,sft-lr_in-context --cases 10   (arms run in parallel)
+          python bench/e2_study.py teacher --cases 10     the open-book teacher's answers to the same probes
+    CPU:  python bench/e2_study.py report --cases 10      strict H-Acc, M-Acc, SRR and teacher agreement
+State lives in .gpu_state/ (bench/gpu_job.sh packs it): runs under .gpu_state/study/, the bootstrap
+cache shared with RESULTS.md's runs, so arms that change only SFT or distillation sample nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ARMS = ROOT / "bench" / "study" / "e2"
+STATE = ROOT / ".gpu_state"
+STUDY = STATE / "study"
+RESULTS = STATE / "results" / "MQuAKE-hard" / "smollm2-135m-instruct"
+FORMS = ("system_sheet", "in_context")
+
+
+def arm_argv(arm: str, cases: int) -> list[str]:
+    return ["--editing_method", "CausalEdit", "--datatype", "MQuAKE-hard", "--hparams_path",
+            str(ARMS / f"{arm}.toml"), "--max_cases", str(cases), "--articles_only", "--output_root", str(STUDY),
+            "--run_id", "study", "--cache_dir", str(STATE / "cache")]
+
+
+def run_arms(arms: list[str], cases: int, stagger: float) -> int:
+    """Start every arm as its own process (the first alone for `stagger` seconds, so that the others find
+    its torch.compile cache), then wait for all; logs in /tmp/e2_<arm>.log."""
+    procs = {}
+    for i, arm in enumerate(arms):
+        if not (ARMS / f"{arm}.toml").exists():
+            print(f"error: no arm {arm} ({ARMS / (arm + '.toml')})", file=sys.stderr)
+            return 2
+        log = open(f"/tmp/e2_{arm}.log", "a")
+        procs[arm] = subprocess.Popen([sys.executable, "-m", "code_edit", *arm_argv(arm, cases)], cwd=ROOT,
+                                      stdout=log, stderr=subprocess.STDOUT)
+        print(f"started {arm} (pid {procs[arm].pid})", flush=True)
+        if i == 0 and len(arms) > 1:
+            time.sleep(stagger)
+    rc = 0
+    for arm, p in procs.items():
+        code = p.wait()
+        print(f"{arm}: exit {code}", flush=True)
+        rc = rc or code
+    return rc
+
+
+def dev_cases(cases: int) -> list[dict]:
+    """The first `cases` article cases in run order (the order of RESULTS.md's 20-case runs)."""
+    from code_edit.data import load_dataset
+    units = json.loads((run_folder(RESULTS / "CausalEdit") / "requests.json").read_text())
+    order = [u["case_ids"][0] for u in units][:cases]
+    by_id = {c["case_id"]: c for c in load_dataset("MQuAKE-hard")}
+    return [by_id[i] for i in order]
+
+
+def run_folder(method_dir: Path) -> Path:
+    found = sorted(method_dir.glob("tag-*/n*_seed70_*"))
+    if not found:
+        raise FileNotFoundError(f"no run under {method_dir}")
+    return found[0]
+
+
+def teacher_probes(case: dict, form: str, articles: str) -> list[dict]:
+    """The open-book teacher's conversation for every hop-wise probe of an edited hop: the arm's teacher
+    prompt (code_edit.prompts.teacher_messages) around the probe's question."""
+    from code_edit.internalize import _teacher_articles
+    from code_edit.data import edit_requests
+    from code_edit.prompts import teacher_messages
+    from eval.probes import HOP, build_probes
+
+    reqs = edit_requests(case)
+    texts = _teacher_articles(reqs, articles)
+    out = []
+    for p in build_probes(case):
+        if p.source != HOP:
+            continue
+        hop = case["new_single_hops"][p.hop]
+        refs = {hop["answer"], *hop.get("answer_alias", [])}
+        r = next((i for i, q in enumerate(reqs) if q.new_answer in refs), None)
+        if r is None:
+            continue
+        q = reqs[r]
+        msgs = teacher_messages(q.question, p.prompt, old_answer=q.old_answer, new_answer=q.new_answer,
+                                article=texts[r], form=form)
+        out.append({"case_id": case["case_id"], "hop": p.hop, "prompt": p.prompt, "refs": list(p.ref),
+                    "old_refs": list(p.old_ref or []), "form": form, "articles": articles, "messages": msgs})
+    return out
+
+
+def teacher_answers(cases: int, combos: list[tuple[str, str]]) -> None:
+    """Greedy answers of the base model under each teacher prompt, with the evaluation's decoding."""
+    from code_edit.config import load_hparams
+    from eval.probes import GenConfig, model_chat_fn
+    from model import load_model, load_tokenizer
+
+    cfg = load_hparams("smollm2-135m-instruct")
+    model = load_model(cfg.model.source, dtype=None)
+    tok = load_tokenizer(cfg.model.source)
+    gen = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                    repetition_penalty=cfg.eval.repetition_penalty, seed=0)
+    chat = model_chat_fn(model, tok, gen)
+    for form, articles in combos:
+        rows = [r for c in dev_cases(cases) for r in teacher_probes(c, form, articles)]
+        t0 = time.perf_counter()
+        preds = chat([r["messages"] for r in rows])
+        out = STUDY / f"teacher_{form}_{articles}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k != "messages"}, "pred": p},
+                                          ensure_ascii=False) + "\n" for r, p in zip(rows, preds)))
+        print(f"teacher {form}/{articles}: {len(rows)} answers in {time.perf_counter() - t0:.1f} s -> {out}")
+
+
+# ---------------------------------------------------------------------------- the report (CPU)
+
+BASELINES = ("PreEdited", "InContext", "LoRA", "CaKE")
+LEAK_WORDS = ("article", "passage", "document", "the text", "the report")
+
+
+def dev_records(folder: Path, ids: list[int]) -> list[dict]:
+    keep = set(ids)
+    return [r for r in json.loads((folder / "metrics.json").read_text()) if r["case_id"] in keep]
+
+
+def strict_numbers(records: list[dict], cases: list[dict]) -> dict:
+    """Strict H-Acc and M-Acc (eval.judge.offline_summary over records whose old answers come from the
+    cases), SRR (eval.analyze's flags read by the strict grader), and what the answers look like."""
+    from eval.analyze import rewrite_flags, self_refute_items, srr_summary, strict_self_refute
+    from eval.grade import stored_old_refs
+    from eval.judge import judge_items, offline_verdict, summarize_judged, attach_verdicts
+
+    items = judge_items(records, stored_old_refs(records, cases))
+    judged = summarize_judged(attach_verdicts(records, {it.key: offline_verdict(it) for it in items}))
+    sr_items, _ = self_refute_items(records)
+    flags = rewrite_flags(sr_items, {it.key: {"result": "OK", **strict_self_refute(it)} for it in sr_items})
+    srr = srr_summary(flags)
+    preds = [it.pred for it in items]
+    return {"h_acc": judged["overall_hop_wise_average"], "m_acc": judged["accuracy_averages"]["any_right_accuracy"],
+            "srr": srr["SRR"], "asserted": srr["asserted_rewrites"], "cases": len(records),
+            "answer_line": sum("the answer now is" in p.lower() for p in preds) / max(1, len(preds)),
+            "leak": sum(any(w in p.lower() for w in LEAK_WORDS) for p in preds) / max(1, len(preds)),
+            "median_words": sorted(len(p.split()) for p in preds)[len(preds) // 2] if preds else None}
+
+
+def verdict_class(prompt: str, pred: str, refs: list[str], old_refs: list[str]) -> str:
+    from eval.grade import grade
+    g = grade(prompt, pred, refs, old_refs)
+    return "new" if g.correct else "old" if g.asserts_old else "other"
+
+
+def teacher_agreement(records: list[dict], form: str, articles: str) -> dict | None:
+    """On the hop-wise probes of edited hops: how often the closed-book student's committed answer (new /
+    old / other, by the strict grader) is the open-book teacher's, and how often the student states the new
+    answer where the teacher does."""
+    path = STUDY / f"teacher_{form}_{articles}.jsonl"
+    if not path.exists():
+        return None
+    teacher = {(r["case_id"], r["prompt"]): r for r in map(json.loads, path.read_text().splitlines())}
+    same = n = t_new = both_new = 0
+    for rec in records:
+        for hop in rec["post"]["hop_wise_pred"]:
+            for d in hop:
+                t = teacher.get((rec["case_id"], d["prompt"]))
+                if t is None:
+                    continue
+                tc = verdict_class(t["prompt"], t["pred"], t["refs"], t["old_refs"])
+                sc = verdict_class(d["prompt"], d["pred"], d["ref"], t["old_refs"])
+                n += 1
+                same += tc == sc
+                t_new += tc == "new"
+                both_new += tc == "new" and sc == "new"
+    return {"probes": n, "agree": same / n if n else None, "teacher_new": t_new / n if n else None,
+            "student_new_where_teacher_new": both_new / t_new if t_new else None}
+
+
+def stage_means(records: list[dict]) -> dict[str, float]:
+    out = {}
+    for s in ("bootstrap", "sft", "internalize", "eval"):
+        xs = [r["stages"][s]["seconds"] for r in records if s in r.get("stages", {})]
+        if xs:
+            out[s] = sum(xs) / len(xs)
+    return out
+
+
+def report(cases: int, arms: list[str] | None) -> str:
+    from code_edit.config import load_hparams
+
+    dev = dev_cases(cases)
+    ids = [c["case_id"] for c in dev]
+    rows: list[tuple[str, Path, dict | None]] = [(m, run_folder(RESULTS / m), None) for m in BASELINES]
+    rows.append(("CausalEdit (paper)", run_folder(RESULTS / "CausalEdit"), load_hparams("smollm2-135m-instruct")))
+    names = arms or sorted(p.name for p in (STUDY / "MQuAKE-hard").glob("*") if p.is_dir())
+    for arm in names:
+        rows += [(arm, run_folder(STUDY / "MQuAKE-hard" / arm / "CausalEdit"), load_hparams(ARMS / f"{arm}.toml"))]
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}"
+    lines = [f"# E2 study, development split: the first {cases} MQuAKE-hard article cases ({', '.join(map(str, ids))})",
+             "", "Strict grader (docs/grading.md). Teacher agreement: on the hop-wise probes of edited hops, the share "
+             "where the closed-book student's committed answer (new / old / other) equals the open-book teacher's "
+             "(the base model under the arm's teacher prompt, `bench/e2_study.py teacher`), and the share of the "
+             "teacher's new-answer probes where the student also states the new answer.", "",
+             "| arm | cases | H-Acc | M-Acc | SRR | asserted | agree % | student new where teacher new % | "
+             "'The answer now is' % | cites a text % | median words | sft s | internalize s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, folder, cfg in rows:
+        recs = dev_records(folder, ids)
+        if not recs:
+            lines.append(f"| {name} | 0 | | | | | | | | | | | |")
+            continue
+        s = strict_numbers(recs, dev)
+        agr = teacher_agreement(recs, cfg.internalize.teacher_form, cfg.internalize.teacher_articles) if cfg else None
+        st = stage_means(recs)
+        lines.append(f"| {name} | {s['cases']} | {pct(s['h_acc'])} | {pct(s['m_acc'])} | {pct(s['srr']['rate'])} | "
+                     f"{s['asserted']['yes']}/{s['asserted']['total']} | {pct(agr and agr['agree'])} | "
+                     f"{pct(agr and agr['student_new_where_teacher_new'])} | {pct(s['answer_line'])} | "
+                     f"{pct(s['leak'])} | {s['median_words']} | {st.get('sft', 0):.0f} | {st.get('internalize', 0):.0f} |")
+    teachers = []
+    for form, articles in (("system_sheet", "own"), ("in_context", "own"), ("in_context", "case")):
+        path = STUDY / f"teacher_{form}_{articles}.jsonl"
+        if path.exists():
+            t = [json.loads(x) for x in path.read_text().splitlines()]
+            t = [r for r in t if r["case_id"] in set(ids)]
+            new = sum(verdict_class(r["prompt"], r["pred"], r["refs"], r["old_refs"]) == "new" for r in t)
+            teachers.append(f"- teacher {form}/{articles}: states the new answer on {new} of {len(t)} probes "
+                            f"({pct(new / len(t) if t else None)}%)")
+    if teachers:
+        lines += ["", "The open-book teachers on the same probes:", *teachers]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--arms", required=True, help="comma-separated arm names (bench/study/e2/<arm>.toml)")
+    r.add_argument("--cases", type=int, default=10)
+    r.add_argument("--stagger", type=float, default=90.0)
+    t = sub.add_parser("teacher")
+    t.add_argument("--cases", type=int, default=10)
+    t.add_argument("--combos", default="system_sheet:own,in_context:own,in_context:case")
+    rep = sub.add_parser("report")
+    rep.add_argument("--cases", type=int, default=10)
+    rep.add_argument("--arms", default=None, help="default: every arm with a run folder")
+    rep.add_argument("--out", default=None, help="also write the report here")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if a.cmd == "run":
+        return run_arms(a.arms.split(","), a.cases, a.stagger)
+    if a.cmd == "teacher":
+        teacher_answers(a.cases, [tuple(c.split(":")) for c in a.combos.split(",")])
+        return 0
+    text = report(a.cases, a.arms.split(",") if a.arms else None)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
