@@ -135,7 +135,7 @@ def strict_numbers(records: list[dict], cases: list[dict]) -> dict:
     """Strict H-Acc and M-Acc (eval.judge.offline_summary over records whose old answers come from the
     cases), SRR (eval.analyze's flags read by the strict grader), and what the answers look like."""
     from eval.analyze import rewrite_flags, self_refute_items, srr_summary, strict_self_refute
-    from eval.grade import stored_old_refs
+    from eval.mquake import stored_old_refs
     from eval.judge import judge_items, offline_verdict, summarize_judged, attach_verdicts
 
     items = judge_items(records, stored_old_refs(records, cases))

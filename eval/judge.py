@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 from .chat import ChatClient, ChatError, ContentFilterError, bounded_map, resolve_api_keys
 from .files import append_jsonl, atomic_write_json, read_jsonl
-from .grade import grade, stored_old_refs
+from .grade import grade
+from .mquake import stored_old_refs
 from .probes import answer_matches, load_records
 from .prompts import VERDICT_CHOICES, judge_messages
 

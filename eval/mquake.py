@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .files import read_json
 
@@ -185,3 +185,58 @@ class _Validator:
             if not isinstance(x, kind):
                 self.fail(f"{name}[{j}]", f"expected {kind.__name__}, got {type(x).__name__}")
         return val
+
+
+# ---------------------------------------------------------------- the old answer an edit replaced (for the grader)
+
+def alias_table(cases: Iterable[dict]) -> dict[str, list[str]]:
+    """answer string -> its aliases, from every single hop of every case (old and new chains)."""
+    table: dict[str, list[str]] = {}
+    for case in cases:
+        for hop in list(case.get("single_hops") or []) + list(case.get("new_single_hops") or []):
+            if not isinstance(hop, dict) or not hop.get("answer"):
+                continue
+            known = table.setdefault(hop["answer"], [])
+            known += [a for a in hop.get("answer_alias") or [] if a not in known]
+    return table
+
+
+def old_refs_for(case: dict, hop: int | None, aliases: dict[str, list[str]] | None = None) -> list[str]:
+    """The strings of the answer the edit replaced: for hop `hop` the target_true of the rewrite whose
+    target_new the hop asks for (none for an unedited hop); for a multi-hop question (hop None) the
+    case's original answer. Aliases come from `aliases` (see alias_table) or the case's own hops."""
+    aliases = aliases if aliases is not None else alias_table([case])
+    if hop is None:  # `answer` is optional in MQuAKE files (the method never reads it)
+        old = [case["answer"], *case.get("answer_alias", [])] if case.get("answer") else []
+    else:
+        new = case["new_single_hops"][hop]
+        refs = {new["answer"], *new.get("answer_alias", [])}
+        rws = [rw for rw in case["requested_rewrite"] if target_str(rw["target_new"]) in refs]
+        if not rws:
+            return []
+        old = [target_str(rws[0]["target_true"])]
+    return list(dict.fromkeys(old + [a for o in old for a in aliases.get(o, [])]))
+
+
+def stored_old_refs(records: list[dict], cases: list[dict] | None = None) -> dict[tuple, list[str]]:
+    """(case_id, item path) -> the old answer's strings for the hop-wise and multi-hop items of stored
+    records. With the run's MQuAKE `cases`, as old_refs_for gives them; without, hop items take the
+    target_true of the rewrite whose target_new is among their refs, and multi-hop items get none."""
+    by_id = {c["case_id"]: c for c in cases or []}
+    aliases = alias_table(by_id.values())
+    out: dict[tuple, list[str]] = {}
+    for rec in records:
+        case = by_id.get(rec["case_id"])
+        post = rec.get("post") or {}
+        for h, hop in enumerate(post.get("hop_wise_pred") or []):
+            for s, d in enumerate(hop if isinstance(hop, list) else []):
+                if case is not None and h < len(case["new_single_hops"]):
+                    old = old_refs_for(case, h, aliases)
+                else:
+                    refs = set(d.get("ref") or []) if isinstance(d, dict) else set()
+                    old = [target_str(rw["target_true"]) for rw in rec.get("requested_rewrite") or []
+                           if target_str(rw["target_new"]) in refs][:1]
+                out[(rec["case_id"], f"hop_wise_pred[{h}][{s}]")] = old
+        for k, _ in enumerate(post.get("accuracy_pred") or []):
+            out[(rec["case_id"], f"accuracy_pred[{k}]")] = old_refs_for(case, None, aliases) if case else []
+    return out

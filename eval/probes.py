@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .files import atomic_write_json, read_json
-from .grade import old_refs_for
+from .mquake import old_refs_for
 from .mquake import target_str
 
 # Wording the reference uses verbatim (METHOD.md 4.2).

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from eval.agreement import write_sample  # noqa: E402
 from eval.analyze import self_refute_items, strict_self_refute  # noqa: E402
 from eval.files import read_jsonl  # noqa: E402
-from eval.grade import alias_table, old_refs_for  # noqa: E402
+from eval.mquake import alias_table, old_refs_for  # noqa: E402
 from eval.judge import item_key  # noqa: E402
 from eval.mquake import load_mquake  # noqa: E402
 from eval.probes import answer_matches  # noqa: E402

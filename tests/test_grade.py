@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from eval.agreement import LABELS, agreement_table, judge_verdicts, load_labels
-from eval.grade import grade, old_refs_for, stored_old_refs
+from eval.grade import grade
+from eval.mquake import old_refs_for, stored_old_refs
 from eval_fakes import FakeOpenAI, chat_reply
 
 Q = "Now, Who was Blake's 7 created by? Let's think step by step."
@@ -262,10 +263,52 @@ def test_labels_file_default_exists():
 
 def test_self_refutation_labels_and_measured_reading():
     """The self-refutation labels (docs/grading.md) are complete, and the grader's reading stays at least
-    where it was measured (recall 5 of 6, precision 5 of 13): a guard against regressions, not a target."""
+    where it was measured (recall 5 of 6, precision 5 of 10): a guard against regressions, not a target."""
     from eval.agreement import SRR_LABELS, srr_agreement
     rows = load_labels(SRR_LABELS, ("asserts_new", "self_refutes"))
     assert len(rows) >= 50 and not any(r["self_refutes"] and not r["asserts_new"] for r in rows)
     asserts, refutes = srr_agreement(rows)
     assert refutes.n == len(rows) and refutes.tp + refutes.fn == sum(r["self_refutes"] for r in rows)
-    assert refutes.recall >= 0.8 and refutes.precision >= 0.35 and asserts.agree >= 0.7
+    assert refutes.recall >= 0.8 and refutes.precision >= 0.45 and asserts.agree >= 0.65
+
+
+def test_hostile_cases():
+    """The reviewer's hard cases: every clean reasoning-format answer (groups sft, sft-nofinal: what the
+    method's SFT teaches) is graded right, and at least 90% of the rest."""
+    from grade_cases import C, DISPUTED
+    wrong, sft_wrong = [], []
+    for i, case in enumerate(C):
+        if i in DISPUTED:
+            continue
+        group, q, a, refs, old, correct, asserts_old = case[:7]
+        g = grade(q, a, refs, old)
+        ok = (g.correct, g.asserts_old) == (correct, asserts_old) and (len(case) < 8 or g.self_refutes == case[7])
+        if not ok:
+            (sft_wrong if group.startswith("sft") else wrong).append((i, group, g.rule))
+    assert not sft_wrong, sft_wrong
+    scored = len(C) - len(DISPUTED)
+    assert 1 - len(wrong) / scored >= 0.9, wrong
+
+
+SFT_THINK = ("<think>\nOld fact: Blake's 7 was created by Terry Nation.\nReason for change: a court reassigned the "
+             "credit.\nUpdated fact: Blake's 7 was created by Russell T Davies.\nDerivation: the question asks "
+             "for the creator.\n</think>\n")
+
+
+@pytest.mark.parametrize("answer, correct, old, rule", [
+    ("Russell T Davies", True, False, "first answer"),
+    ("Blake's 7 was created by Russell T Davies. So the answer is Terry Nation.", False, True, "conclusion"),
+    (SFT_THINK + "The answer now is Russell T Davies.", True, False, "conclusion"),
+    (SFT_THINK, True, False, "conclusion"),                                  # no closing line: Updated fact
+    ("It was created by Terry Nation, not Russell T Davies.", False, True, "first answer"),
+    ("Originally, Blake's 7 was created by Terry Nation. Now it is credited to Russell T Davies.", True, False,
+     "first answer"),
+    ("Blake's 7 was created by either Russell T Davies or Terry Nation.", False, False, "no answer"),
+    ("Russell T Davies is a Welsh screenwriter. Blake's 7 was created by Terry Nation.", False, True, "first answer"),
+    ("If Blake's 7 was created by Russell T Davies, the story would differ.", False, False, "no answer"),
+    ("The answer now is Russell T Davies.\nI hope this answer is helpful!", True, False, "conclusion"),
+])
+def test_docs_examples(answer, correct, old, rule):
+    """The examples table of docs/grading.md "Rules", verdict for verdict."""
+    g = grade(Q, answer, NEW, OLD)
+    assert (g.correct, g.asserts_old) == (correct, old) and g.rule.startswith(rule), g.rule
