@@ -6,6 +6,7 @@ over `torchrun --nproc_per_node N -m code_edit ...`;
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 REPRODUCE_PRESETS = ["qwen2.5-7b-instruct", "llama3.1-8b-instruct"]
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "$CODE_EDIT_CACHE/bootstrap/<datatype>)")
     ap.add_argument("--on_error", choices=("stop", "skip"), default="stop",
                     help="a case that raises: stop the run (default) or log it to failures.jsonl and go on")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks (also CODE_EDIT_DEBUG=1)")
     return ap
 
 
@@ -83,12 +85,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
 
     args = build_parser().parse_args(argv)
-    from code_edit.run import execute
+    from code_edit.run import UnitFailed, execute
 
+    debug = args.debug or os.environ.get("CODE_EDIT_DEBUG", "") not in ("", "0")
     try:
         execute(args)
-    except (RunError, HparamsError, DatasetError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except UnitFailed as e:
+        if debug:
+            raise
+        print(f"error: {e} (traceback in the run's run.log)", file=sys.stderr)
+        return 2
+    except (RunError, HparamsError, DatasetError, ValueError, FileNotFoundError, KeyError, OSError) as e:
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     except Exception as e:  # hub access errors carry no common base class worth importing here
         name = type(e).__name__

@@ -7,6 +7,7 @@ name or any TOML path. Every value must be given (by the file or by the preset i
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -189,6 +190,11 @@ _ZERO_OK = {
     "bootstrap.max_resample_rounds", "internalize.max_steps_per_extra_edit",
 }
 _FREE_INTS = {"lora.init_seed", "bootstrap.seed", "internalize.seed"}
+_POSITIVE = {  # numbers that must be > 0 (a zero learning rate or clipping norm trains nothing)
+    "bootstrap.learning_rate", "internalize.learning_rate", "baseline_lora.learning_rate",
+    "baseline_cake.learning_rate", "lora.alpha", "baseline_lora.alpha", "baseline_cake.alpha",
+    "bootstrap.max_grad_norm", "internalize.max_grad_norm", "optimizer.adam_eps",
+}
 _UNIT_INTERVAL = {  # must lie in [0, 1]
     "lora.dropout", "bootstrap.top_p", "internalize.top_p", "bootstrap.warmup_ratio",
     "internalize.warmup_ratio", "internalize.repetition_threshold", "baseline_lora.dropout",
@@ -316,6 +322,10 @@ def _check_value(key: str, typ: Any, value: Any, origin: Path) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        if key in _POSITIVE and value <= 0:
+            raise bad("a number > 0")
         if key in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
             raise bad("a number in [0, 1]")
         if key not in _UNIT_INTERVAL and value < 0:

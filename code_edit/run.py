@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -28,11 +29,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from code_edit.config import CausalEditConfig, load_hparams
-from code_edit.data import (EditRequest, batch_edit_groups, case_has_articles, default_cache_root, edit_requests,
-                            load_dataset, order_cases)
+from code_edit.data import (BATCH_EDIT_MAX_UNIQUE, EditRequest, batch_edit_groups, case_has_articles,
+                            default_cache_root, edit_requests, load_dataset, order_cases)
 from code_edit.distributed import Ranks, rank_device, run_ranks, shard
 from code_edit.editor import Editor, Reporter, needs_articles, normalize_method
-from eval.files import append_jsonl, atomic_write_json, read_json, read_jsonl
+from eval.files import append_jsonl, atomic_write_json, read_json, read_jsonl, sweep_temp_files
 from eval.probes import string_match_summary
 
 log = logging.getLogger("code_edit")
@@ -45,6 +46,10 @@ IDENTITY_DEFAULTS = {"articles_only": False}  # keys added later: a run folder w
 
 class RunError(RuntimeError):
     """A run that cannot start or resume as asked (the message says why and what to do)."""
+
+
+class UnitFailed(RunError):
+    """A unit raised under --on_error stop: the run stopped there (run_info status "failed")."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,25 +101,43 @@ def _read_meta(run_dir: Path) -> tuple[dict, dict] | None:
         return None
 
 
+def data_hash(cases: list[dict]) -> str:
+    """sha256 of the selected cases in run order, articles included: the data part of a run's identity."""
+    blob = json.dumps(cases, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _journalled(d: Path) -> bool:
+    """Whether any journal of the folder holds a finished unit."""
+    return any(p.is_file() and p.stat().st_size > 0 for p in journal_paths(d))
+
+
 def choose_run_dir(parent: Path, prefix: str, run_id: str | None, run_args: dict,
-                   hparams: dict) -> tuple[Path, bool]:
+                   hparams: dict, content: str | None = None) -> tuple[Path, bool]:
     """(run directory, resuming?).
 
-    --run_id given: that directory; resumed if it exists (its arguments and hparams must match).
-    --run_id not given: the newest unfinished directory under `parent` with the same name prefix,
-    arguments and hparams is resumed; otherwise a new one named by the current time.
+    --run_id given: that directory; resumed if it exists (its arguments, hparams and data must match).
+    A folder whose meta files were never completed (a kill while it was created) and that holds no
+    finished unit is started again. --run_id not given: the newest unfinished directory under `parent`
+    with the same name prefix, arguments, hparams and data is resumed; otherwise a new one named by the
+    current time.
     """
     if run_id:
         d = parent / f"{prefix}{run_id}"
         meta = _read_meta(d)
         if meta is None:
-            if d.exists() and any(d.iterdir()):
-                raise RunError(f"{d} exists but has no readable meta/run_args.json and meta/run_info.json; "
+            if d.exists() and _journalled(d):
+                raise RunError(f"{d} holds finished cases but no readable meta/run_args.json and meta/run_info.json; "
                                "choose another --run_id")
             return d, False
         diff = _differences(_identity(meta[0]), _identity(run_args))
         if meta[1].get("hparams") != hparams:
             diff.append("hparams differ from meta/run_info.json")
+        old = (meta[1].get("dataset") or {}).get("content_sha256")
+        if content and old and old != content:
+            raise RunError(f"{d}: the selected cases changed since the run started (data sha256 {old[:12]} in "
+                           f"meta/run_info.json, {content[:12]} now; did --data_path's file change?); start a new run "
+                           "with another --run_id, or restore the data")
         if diff:
             raise RunError(f"{d} was started with other settings; resume it with the same command, or pick "
                            f"another --run_id. Differences: " + "; ".join(diff))
@@ -124,7 +147,8 @@ def choose_run_dir(parent: Path, prefix: str, run_id: str | None, run_args: dict
         meta = _read_meta(d)
         if meta is None or meta[1].get("status") == "finished":
             continue
-        if _identity(meta[0]) == _identity(run_args) and meta[1].get("hparams") == hparams:
+        same_data = (meta[1].get("dataset") or {}).get("content_sha256") in (None, content)
+        if _identity(meta[0]) == _identity(run_args) and meta[1].get("hparams") == hparams and same_data:
             candidates.append((d.stat().st_mtime, d.name, d))
     if candidates:
         return max(candidates)[2], True
@@ -290,8 +314,41 @@ class Prepared:
     dataset: dict
 
 
+def check_args(args: Any) -> None:
+    """The command line's numbers, device and output folder, checked before anything is loaded."""
+    if not 0 <= args.batch_edit <= BATCH_EDIT_MAX_UNIQUE:
+        raise RunError(f"--batch_edit {args.batch_edit}: must be 0 (sequential) or 1..{BATCH_EDIT_MAX_UNIQUE}")
+    if args.skip_cases < 0:
+        raise RunError(f"--skip_cases {args.skip_cases}: must be >= 0")
+    if args.hop is not None and args.hop < 1:
+        raise RunError(f"--hop {args.hop}: must be >= 1 (the number of hops of the cases to keep)")
+    out = Path(args.output_root)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise RunError(f"--output_root {args.output_root}: {p} is a file, not a folder")
+            break
+    if args.device is not None:
+        check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    """--device cpu | cuda | cuda:N, and a CUDA device must exist."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise RunError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {device}: no CUDA GPU is visible to PyTorch here (use --device cpu)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise RunError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
 def prepare(args: Any) -> Prepared:
     """Config, method and the ordered units, before anything is written or loaded."""
+    check_args(args)
     if not args.model_type and not args.hparams_path:
         raise RunError("give --model_type (a preset: see code_edit/hparams/) or --hparams_path FILE.toml")
     cfg = load_hparams(args.hparams_path or args.model_type)
@@ -319,6 +376,7 @@ def prepare(args: Any) -> Prepared:
         raise RunError("no case left to edit after --hop / --max_cases / --skip_cases")
     units = plan_units(ordered, args.batch_edit)
     info["cases_selected"] = case_count(units)
+    info["content_sha256"] = data_hash(ordered)
     return Prepared(cfg, method, model_type, exp_tag, units, info)
 
 
@@ -390,7 +448,12 @@ def execute(args: Any, *, editor_factory: Any = None) -> Path:
         p, run_dir = start.p, start.run_dir
         todo = set(start.todo)
         mine = shard([u for u in p.units if u.key in todo], ranks.rank, ranks.world)
-        failures = _edit_units(args, p, run_dir, mine, ranks, info, editor_factory)
+        try:
+            failures = _edit_units(args, p, run_dir, mine, ranks, info, editor_factory)
+        except BaseException as e:
+            if ranks.rank == 0:
+                _record_stop(run_dir, info, e)
+            raise
         failures = sum(ranks.gather(failures))  # waits for every rank
         if ranks.rank == 0:
             if failures:
@@ -402,6 +465,18 @@ def execute(args: Any, *, editor_factory: Any = None) -> Path:
         return run_dir
 
 
+def _record_stop(run_dir: Path, info: dict, e: BaseException) -> None:
+    """A run that stops before its end says so in run_info.json and run.log: status "interrupted" (Ctrl-C)
+    or "failed" with the error."""
+    if isinstance(e, KeyboardInterrupt):
+        info.update(status="interrupted", interrupted_at=dt.datetime.now().isoformat(timespec="seconds"))
+        log.warning("interrupted; rerun the same command to resume")
+    else:
+        info.update(status="failed", error=f"{type(e).__name__}: {e}",
+                    failed_at=dt.datetime.now().isoformat(timespec="seconds"))
+    atomic_write_json(run_dir / "meta" / "run_info.json", info)
+
+
 def _open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Start, dict]:
     """Rank 0 (or the only process): plan, choose and lock the run directory, write or check its
     meta files, repair the journals; returns the start message and run_info."""
@@ -411,11 +486,14 @@ def _open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Sta
     run_args.update(editing_method=p.method, model_type=p.model_type, exp_tag=p.exp_tag)
     parent, prefix = planned_dir(args, p)
     hparams = json.loads(json.dumps(cfg.to_dict()))  # as stored in run_info.json (tuples become lists)
-    run_dir, resuming = choose_run_dir(parent, prefix, args.run_id, run_args, hparams)
+    run_dir, resuming = choose_run_dir(parent, prefix, args.run_id, run_args, hparams, p.dataset["content_sha256"])
     run_args["run_id"] = run_dir.name[len(prefix):]
     stack.enter_context(locked(run_dir))  # held by rank 0 until every rank is done
     stack.enter_context(run_logging(run_dir, ranks))
     meta = run_dir / "meta"
+    swept = sum(sweep_temp_files(f) for f in (run_dir, meta) if f.is_dir())
+    if swept:
+        log.info("removed %d temp file(s) an interrupted write left behind", swept)
     planned = _requests_json(units)
     if resuming:
         old = read_json(run_dir / "requests.json", "requests.json") if (run_dir / "requests.json").exists() else None
@@ -423,6 +501,7 @@ def _open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Sta
             raise RunError(f"{run_dir}: the planned cases differ from its requests.json (did the dataset file change?); "
                            "start a new run with another --run_id")
         info = read_json(meta / "run_info.json", "run_info.json")
+        info.setdefault("dataset", {}).setdefault("content_sha256", p.dataset["content_sha256"])  # older runs
         for path in journal_paths(run_dir):  # before any rank appends again
             dropped = Journal(path.parent, path.name).repair()
             if dropped:
@@ -477,13 +556,15 @@ def _edit_units(args: Any, p: Prepared, run_dir: Path, mine: list[Unit], ranks: 
             try:
                 records = editor.run_unit(unit.key, unit.requests, unit.cases, group=unit.group)
             except Exception as e:
+                # The traceback goes to run.log only (INFO); stderr gets the one line.
+                log.info("%s traceback:\n%s", unit.key, traceback.format_exc())
                 if getattr(args, "on_error", "stop") != "skip":
-                    log.error("%s failed: %s: %s (rerun the same command to resume)", unit.key, type(e).__name__, e,
-                              exc_info=True)
-                    raise
+                    log.error("%s failed: %s: %s (the run stopped; fix the cause and rerun the same command to "
+                              "resume, or pass --on_error skip to go on without it)", unit.key, type(e).__name__, e)
+                    raise UnitFailed(f"{unit.key} failed: {type(e).__name__}: {e}") from e
                 failures += 1
-                log.error("%s failed and is skipped (it is retried when the run is resumed): %s: %s\n%s", unit.key,
-                          type(e).__name__, e, traceback.format_exc())
+                log.error("%s failed and is skipped (it is retried when the run is resumed): %s: %s", unit.key,
+                          type(e).__name__, e)
                 row = {"unit": unit.key, "error": f"{type(e).__name__}: {e}",
                        "at": dt.datetime.now().isoformat(timespec="seconds")}
                 append_jsonl(run_dir / "failures.jsonl", [row | ({"rank": ranks.rank} if ranks.world > 1 else {})])
@@ -527,14 +608,16 @@ def _finish(run_dir: Path, units: list[Unit], info: dict, complete: bool = True)
 
 
 def summary_table(records: list[dict], method: str) -> list[str]:
-    """One table: string-match H-Acc / M-Acc, then mean seconds and max peak GPU memory per stage."""
+    """One table: strict-grader H-Acc / M-Acc (docs/grading.md), then mean seconds and max peak GPU memory
+    per stage."""
     res = string_match_summary(records)
+    strict = res["strict"]
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
-    lines = [f"{method}: {res['total_cases']} cases   H-Acc (string match) {pct(res['overall_hop_wise_average'])}"
-             f"   M-Acc (string match) {pct(res['accuracy_averages']['qa'])}",
+    lines = [f"{method}: {res['total_cases']} cases   H-Acc (strict) {pct(strict['overall_hop_wise_average'])}"
+             f"   M-Acc (strict) {pct(strict['accuracy_averages']['any_right_accuracy'])}",
              f"{'stage':<12} {'mean s/case':>12} {'max peak GiB':>13}"]
     names: list[str] = []
     for r in records:

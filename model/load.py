@@ -88,10 +88,11 @@ def build(cfg: ModelConfig, tensors: dict[str, Tensor], origin: dict[str, str], 
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
-        raise KeyError(f"unknown tensor(s) in {origin[unknown[0]]}: {', '.join(unknown[:8])}")
+        raise ValueError(f"{origin[unknown[0]]}: unknown tensor(s) {', '.join(unknown[:8])} (not a {cfg.arch} "
+                         f"checkpoint of this config?)")
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise KeyError(f"missing tensor(s) in {where}: {', '.join(missing[:8])}")
+        raise ValueError(f"{where}: missing tensor(s) {', '.join(missing[:8])}")
     state = {}
     for k, t in tensors.items():
         if tuple(t.shape) != tuple(expected[k]):

@@ -8,6 +8,7 @@ pulled toward the teacher's next-token distributions on its own rollouts by the 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import nn
 
 from model.generate import Completion, generate
 from model.lora import disabled
+from train import TrainingDiverged
 from train.losses import DIRECTIONS, distill_loss, token_logprobs
 
 
@@ -316,6 +318,11 @@ class Distiller:
         self.opt.zero_grad(set_to_none=True)
         stats = self.compute_gradients(prompts, seed=seed)
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        loss = stats.get("loss")
+        if not math.isfinite(gnorm) or (isinstance(loss, float) and not math.isfinite(loss)):
+            self.opt.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"distillation step {self.steps_done + 1}: loss {loss}, gradient norm {gnorm} "
+                                   f"(learning rate {lr:g}); the training diverged: lower the learning rate")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.steps_done += 1

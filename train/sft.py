@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from model.cuda_graph import GraphedStep
+from train import TrainingDiverged
 from train.losses import weighted_ce_at
 
 log_ = logging.getLogger(__name__)  # `log` is sft's per-step callback argument
@@ -224,6 +225,9 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
         nonlocal below
         step, epoch, lr, n_tokens, stats = pending
         value, gnorm = stats.read()
+        if not (math.isfinite(value) and math.isfinite(gnorm)):
+            raise TrainingDiverged(f"SFT step {step}: loss {value}, gradient norm {gnorm} (learning rate {lr:g}); "
+                                   "the training diverged: lower the learning rate")
         losses.append(value)
         if log is not None:
             log({"step": step, "epoch": epoch, "loss": value, "lr": lr, "grad_norm": gnorm, "tokens": n_tokens})
