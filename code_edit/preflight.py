@@ -161,7 +161,7 @@ def preflight(presets: list[str], datasets: list[str], *, judge_base_url: str | 
                                 f"put it at {f} (or pass --data_path FILE)"))
 
     # Judge
-    from eval.chat import ChatError, resolve_api_keys
+    from eval.chat import ChatError, redact_url, resolve_api_keys
 
     try:
         keys = resolve_api_keys(api_key_file)
@@ -170,7 +170,7 @@ def preflight(presets: list[str], datasets: list[str], *, judge_base_url: str | 
         keys = None
     if keys is not None:
         if keys or judge_base_url:
-            where = judge_base_url or "https://api.deepseek.com (default)"
+            where = redact_url(judge_base_url) if judge_base_url else "https://api.deepseek.com (default)"
             src = (f"{len(keys)} key(s) from " + (api_key_file or "$CODE_EDIT_API_KEYS / $OPENAI_API_KEY")) if keys \
                 else "no key (a local server)"
             checks.append(Check("OK", "judge", f"LLM judge at {where}; {src}"))

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=1024, help="default when a request sets no max_tokens")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    s.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask (else 400)")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (else 413)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting or running at once (more: 503)")
+    s.add_argument("--slice-tokens", type=int, default=256,
+                   help="greedy tokens per request per generate call: a long request lets short ones in between")
     return ap
 
 
@@ -108,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             cases = load_mquake(args.data_path) if args.data_path else None
             summary = run_judge(args.input, backend, summary_path=args.summary, cases=cases)
             print("\n".join(summary_lines(summary)))
+            items = summary["items"]
+            if items["total"] and items["ERROR"] == items["total"]:
+                print(f"error: every one of the {items['total']} items failed (see the errors above); nothing was "
+                      "judged", file=sys.stderr)
+                return 2
         elif args.cmd == "judge-agreement":
             from dataclasses import asdict
 
@@ -132,14 +142,26 @@ def main(argv: list[str] | None = None) -> int:
             res = run_analyze(args.input, backend, output=args.output, checkpoint=args.llm_checkpoint,
                               resume=args.llm_resume, rewrite_why=why)
             print("\n".join(report_lines(res)))
+            n_items = sum(res["item_counts"].values())
+            if n_items and res["item_errors"] == n_items:
+                print(f"error: every one of the {n_items} items failed; nothing was judged", file=sys.stderr)
+                return 2
         elif args.cmd == "extract-ce":
             from .analyze import extract_ce
             print(extract_ce(args.input))
         elif args.cmd == "serve":
             from .serve import serve
+            for flag in ("max_tokens_cap", "max_body_bytes", "max_queue", "slice_tokens", "max_new_tokens"):
+                if getattr(args, flag) < 1:
+                    raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
             serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens,
-                  device=args.device, dtype=args.dtype)
-    except (ChatError, ValueError, FileNotFoundError) as e:
+                  device=args.device, dtype=args.dtype, max_tokens_cap=args.max_tokens_cap,
+                  max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, slice_tokens=args.slice_tokens)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume (finished verdicts are kept in the checkpoint)",
+              file=sys.stderr)
+        return 130
+    except (ChatError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

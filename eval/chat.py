@@ -13,10 +13,12 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import requests
+import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,38 @@ class ChatClient:
     def url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
 
+    @property
+    def shown(self) -> str:
+        """The base URL as it may be printed or recorded: without user-info or key-like query values."""
+        return redact_url(self.base_url)
+
+    @property
+    def shown_url(self) -> str:
+        return redact_url(self.url)
+
+    def _post(self, body: dict, headers: dict) -> requests.Response:
+        """POST with a total deadline of `timeout` seconds (requests' own timeout applies per read, so a
+        server that drips a byte at a time could hold a request for ever); the body is read here."""
+        start = time.monotonic()
+        resp = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout, stream=True)
+        chunks = []
+        read = getattr(resp.raw, "read1", None)  # urllib3 2: what has arrived, without waiting for more
+        try:
+            while True:
+                if time.monotonic() - start > self.timeout:
+                    raise requests.Timeout("total deadline")
+                chunk = read(65536, decode_content=True) if read else resp.raw.read(1, decode_content=True)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError) as e:
+            raise requests.Timeout(str(e)) if isinstance(e, urllib3.exceptions.ReadTimeoutError) \
+                else requests.ConnectionError(str(e)) from None
+        finally:
+            resp.close()
+        resp._content = b"".join(chunks)  # resp.text / resp.json() read it as usual
+        return resp
+
     def complete(self, messages: list[dict], **params: Any) -> str:
         """Send `messages` (plus extra body fields such as temperature) and return
         choices[0].message.content. Raises ChatError (or ContentFilterError) when it gives up."""
@@ -119,7 +153,7 @@ class ChatClient:
                 break
             delay = self._delay(attempt, wait)
             log.warning("chat request to %s failed (%s); retry %d/%d in %.2fs",
-                        self.base_url, last, attempt + 1, self.max_retries, delay)
+                        self.shown, last, attempt + 1, self.max_retries, delay)
             time.sleep(delay)
         assert last is not None
         raise ChatError(f"{last} (gave up after {self.max_retries + 1} attempts)",
@@ -155,17 +189,17 @@ class ChatClient:
         key = self._key()
         if key is not None:
             headers["Authorization"] = f"Bearer {key[1]}"
-        where = f"{self.url}" + (f" (API key #{key[0] + 1} of {len(self.api_keys)})" if key else "")
+        where = f"{self.shown_url}" + (f" (API key #{key[0] + 1} of {len(self.api_keys)})" if key else "")
         try:
-            resp = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout)
+            resp = self._post(body, headers)
         except requests.Timeout:
-            raise _Retry(ChatError(f"timed out after {self.timeout}s waiting for {self.url}", retryable=True))
+            raise _Retry(ChatError(f"timed out after {self.timeout}s waiting for {self.shown_url}", retryable=True))
         except requests.ConnectionError as e:
-            raise _Retry(ChatError(f"cannot connect to {self.url}: {type(e).__name__}", retryable=True))
+            raise _Retry(ChatError(f"cannot connect to {self.shown_url}: {type(e).__name__}", retryable=True))
         except _CONFIG_ERRORS as e:
-            raise ChatError(f"bad request setup for {self.url}: {type(e).__name__}") from None
+            raise ChatError(f"bad request setup for {self.shown_url}: {type(e).__name__}") from None
         except requests.RequestException as e:  # e.g. the body was cut off mid-transfer
-            raise _Retry(ChatError(f"request to {self.url} failed: {type(e).__name__}", retryable=True))
+            raise _Retry(ChatError(f"request to {self.shown_url} failed: {type(e).__name__}", retryable=True))
 
         status = resp.status_code
         text = resp.text
@@ -193,9 +227,30 @@ class ChatClient:
         return content
 
     def _scrub(self, text: str) -> str:
-        for k in self.api_keys:
-            text = text.replace(k, "***")
+        parts = urllib.parse.urlsplit(self.base_url)
+        for k in [*self.api_keys, parts.password or "", parts.username or ""]:
+            if len(k) >= 4:
+                text = text.replace(k, "***")
         return _KEYLIKE.sub("***", text)
+
+
+_SECRET_QUERY = {"key", "api_key", "apikey", "api-key", "token", "access_token", "auth", "sig", "signature",
+                 "password", "secret"}
+
+
+def redact_url(url: str) -> str:
+    """`url` without user-info (`http://user:KEY@host` -> `http://***@host`) and with the values of key-like
+    query parameters replaced by ***: what may be logged or written."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(f"{k}=***" if k.lower() in _SECRET_QUERY else (f"{k}={v}" if v else k)
+                     for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], max_workers: int) -> Iterator[tuple[Any, Any]]:

@@ -246,7 +246,7 @@ def run_judge(input_path: str | Path, backend: Backend, *, summary_path: str | P
     judged = attach_verdicts(records, rows)
     summary = summarize_judged(judged)
     summary["judge"] = backend.label
-    summary["base_url"] = backend.client.base_url if backend.client else None
+    summary["base_url"] = backend.client.shown if backend.client else None  # no user-info or keys
     atomic_write_json(out / "metrics.judged.json", judged)
     atomic_write_json(Path(summary_path) if summary_path else out / "metrics.judged.summary.json", summary)
     return summary

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -24,6 +24,8 @@ class _BadRequest(ValueError):
 class _Job:
     ids: list[int]
     max_tokens: int
+    tokens: list[int] = field(default_factory=list)  # written so far
+    logprobs: list[float] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
@@ -33,41 +35,59 @@ class _GreedyBatcher:
     """One generate call for every greedy request waiting when the model frees up. A judge sends many
     requests at once (--max-workers); one by one a small model idles the GPU between launches. Greedy
     tokens of a prompt do not depend on its batch neighbours (model.generate's contract, tested there;
-    on a GPU, bf16 kernels chosen by batch size may still break a near-tie differently)."""
+    on a GPU, bf16 kernels chosen by batch size may still break a near-tie differently).
+    A call writes at most `slice_tokens` per request: a request that wants more goes back to the end of
+    the queue with what it wrote appended to its prompt (greedy decoding continues exactly), so one
+    long request delays the short ones behind it by one slice, not by its whole length."""
 
-    def __init__(self, model: Any, model_lock: threading.Lock, stop_ids: list[int], max_batch: int = 64):
+    def __init__(self, model: Any, model_lock: threading.Lock, stop_ids: list[int], max_batch: int = 64,
+                 slice_tokens: int = 256):
         self.model, self.model_lock, self.stop_ids, self.max_batch = model, model_lock, stop_ids, max_batch
+        self.slice_tokens = slice_tokens
         self.pending: list[_Job] = []
         self.pending_lock = threading.Lock()
 
     def __call__(self, ids: list[int], max_tokens: int) -> Any:
-        from model import generate
-
         job = _Job(ids, max_tokens)
         with self.pending_lock:
             self.pending.append(job)
         while not job.done.is_set():
             with self.model_lock:
-                if job.done.is_set():
-                    break
-                with self.pending_lock:
-                    batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
-                try:
-                    comps = generate(self.model, [j.ids for j in batch], temperature=0.0, stop_ids=self.stop_ids,
-                                     max_new_tokens=max(j.max_tokens for j in batch))
-                    for j, c in zip(batch, comps):  # each to its own limit: greedy prefixes are the same
-                        if len(c.tokens) > j.max_tokens:
-                            c = replace(c, tokens=c.tokens[:j.max_tokens], logprobs=c.logprobs[:j.max_tokens],
-                                        finish_reason="length")
-                        j.result = c
-                except BaseException as e:  # every waiting request gets the error, not a hang
-                    for j in batch:
-                        j.error = e
-                for j in batch:
-                    j.done.set()
+                if not job.done.is_set():
+                    self._round()
         if job.error is not None:
             raise job.error
         return job.result
+
+    def _round(self) -> None:
+        """One generate call over the queue's head; finished jobs are answered, the rest requeued."""
+        from model import Completion, generate
+
+        with self.pending_lock:
+            batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+        if not batch:
+            return
+        try:
+            want = [min(j.max_tokens - len(j.tokens), self.slice_tokens) for j in batch]
+            comps = generate(self.model, [j.ids + j.tokens for j in batch], temperature=0.0, stop_ids=self.stop_ids,
+                             max_new_tokens=max(want))
+            again = []
+            for j, n, c in zip(batch, want, comps):  # each to its own limit: greedy prefixes are the same
+                stopped = c.finish_reason == "stop" and len(c.tokens) <= n
+                j.tokens += c.tokens[:n]
+                j.logprobs += c.logprobs[:n]
+                if stopped or len(j.tokens) >= j.max_tokens:
+                    j.result = Completion(prompt_index=0, sample_index=0, tokens=j.tokens, logprobs=j.logprobs,
+                                          finish_reason="stop" if stopped else "length")
+                    j.done.set()
+                else:
+                    again.append(j)
+            with self.pending_lock:
+                self.pending += again
+        except BaseException as e:  # every request of the call gets the error, not a hang
+            for j in batch:
+                j.error = e
+                j.done.set()
 
 
 @dataclass
@@ -121,14 +141,37 @@ def guided_choice(model: Any, prompt: list[int], choices: list[list[int]], end_i
     return alive[0]
 
 
+def _number(body: dict, key: str, default: Any, lo: float, hi: float, *, integer: bool = False) -> Any:
+    """body[key] (or `default`) checked: a number (an integer if asked), finite, in [lo, hi]."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise _BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}")
+    if not (lo <= v <= hi):  # also refuses NaN
+        raise _BadRequest(f"'{key}' must be in [{lo:g}, {hi:g}], got {v!r}")
+    return v
+
+
+class _Busy(RuntimeError):
+    pass
+
+
 def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127.0.0.1", port: int = 0,
-                max_new_tokens: int = 1024, temperature: float = 0.0) -> ThreadingHTTPServer:
+                max_new_tokens: int = 1024, temperature: float = 0.0, max_tokens_cap: int = 4096,
+                max_body_bytes: int = 4 * 1024 * 1024, max_queue: int = 256,
+                slice_tokens: int = 256) -> ThreadingHTTPServer:
     """A ready-to-run server (call serve_forever). Requests without `temperature` decode with
     `temperature` (default greedy: a judge should be deterministic); without max_tokens, up to
-    `max_new_tokens`. Only n=1 and stream=false are supported."""
+    `max_new_tokens` (less if the context would overflow). Only n=1 and stream=false are supported.
+    Refused with 400: a bad sampling value, max_tokens above `max_tokens_cap`, a prompt that with its
+    max_tokens exceeds the model's context; with 413 a body over `max_body_bytes`; with 503 a request when
+    `max_queue` are already waiting or running. Greedy requests are served in slices of `slice_tokens`."""
     lock = threading.Lock()
-    greedy = _GreedyBatcher(model, lock, list(tokenizer.eos_ids))
+    greedy = _GreedyBatcher(model, lock, list(tokenizer.eos_ids), slice_tokens=slice_tokens)
     prefix = PrefixKV()  # guided races run one at a time (under `lock`), each after the previous one's prompt
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    slots = threading.BoundedSemaphore(max_queue)
 
     def complete(body: dict) -> dict:
         from model import generate  # lazy: importing eval must not need the model stack
@@ -141,14 +184,27 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
                 raise _BadRequest(f"messages[{i}] must be {{'role': str, 'content': str}}")
         if body.get("stream"):
             raise _BadRequest("stream=true is not supported")
-        if int(body.get("n", 1)) != 1:
+        if _number(body, "n", 1, 1, 1, integer=True) != 1:
             raise _BadRequest("only n=1 is supported")
         stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or max_new_tokens
-        temp = body.get("temperature")
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise _BadRequest("'stop' must be a string or a list of strings")
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        asked = _number(body, key, None, 1, max_tokens_cap, integer=True)
+        temp = float(_number(body, "temperature", temperature, 0.0, 2.0))
+        top_p = float(_number(body, "top_p", 1.0, 1e-9, 1.0))
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise _BadRequest(f"'seed' must be an integer, got {seed!r}")
         ids = tokenizer.encode(tokenizer.chat(messages, add_generation_prompt=True))
-        temp = float(temperature if temp is None else temp)
+        room = context - len(ids) if context else max_tokens_cap
+        if room < 1:
+            raise _BadRequest(f"the prompt has {len(ids)} tokens; the model's context is {context}")
+        if asked is not None and asked > room:
+            raise _BadRequest(f"the prompt has {len(ids)} tokens and {key} is {asked}: {len(ids) + asked} tokens "
+                              f"exceed the model's context of {context}")
+        max_tokens = asked if asked is not None else min(max_new_tokens, room)
         choices = body.get("guided_choice")
         if choices is not None:
             if (not isinstance(choices, list) or not choices or len(choices) > 64
@@ -166,9 +222,8 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
             c = greedy(ids, int(max_tokens))
         else:
             with lock:
-                (c,) = generate(model, [ids], max_new_tokens=int(max_tokens), temperature=temp,
-                                top_p=float(body.get("top_p", 1.0)), num_samples=1,
-                                stop_ids=list(tokenizer.eos_ids), seed=body.get("seed"))
+                (c,) = generate(model, [ids], max_new_tokens=int(max_tokens), temperature=temp, top_p=top_p,
+                                num_samples=1, stop_ids=list(tokenizer.eos_ids), seed=seed)
         text = tokenizer.decode(c.tokens, skip_special_tokens=True)
         finish = c.finish_reason
         cut = [text.find(s) for s in stop if s and s in text]
@@ -206,10 +261,20 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
                 self._error(404, f"no route {self.path}", "not_found")
 
         def do_POST(self) -> None:
-            n = int(self.headers.get("Content-Length") or 0)
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                n = -1
+            if not 0 <= n <= max_body_bytes:
+                self.close_connection = True  # the body is not read
+                return self._error(413, f"the request body must have a Content-Length of at most {max_body_bytes} "
+                                        f"bytes, got {self.headers.get('Content-Length')}", "invalid_request_error")
             raw = self.rfile.read(n)
             if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
                 return self._error(404, f"no route {self.path}; use /v1/chat/completions", "not_found")
+            if not slots.acquire(blocking=False):
+                return self._error(503, f"the server is busy ({max_queue} requests waiting or running); retry later",
+                                   "server_busy")
             try:
                 body = json.loads(raw)
                 if not isinstance(body, dict):
@@ -222,6 +287,8 @@ def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127
             except Exception as e:  # the model failed: say so, keep serving
                 log.exception("generation failed")
                 self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+            finally:
+                slots.release()
 
     return _Server((host, port), Handler)
 
@@ -232,7 +299,7 @@ class _Server(ThreadingHTTPServer):
 
 
 def serve(source: str, *, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int = 1024,
-          device: str | None = None, dtype: str | None = None) -> None:
+          device: str | None = None, dtype: str | None = None, **limits: int) -> None:
     """Load `source` with model.load_model / load_tokenizer and serve it until interrupted."""
     import torch
 
@@ -244,7 +311,7 @@ def serve(source: str, *, host: str = "127.0.0.1", port: int = 8000, max_new_tok
     model = load_model(source, dtype=torch_dtype, device=device)
     tokenizer = load_tokenizer(source)
     server = make_server(model, tokenizer, model_name=str(source), host=host, port=port,
-                         max_new_tokens=max_new_tokens)
+                         max_new_tokens=max_new_tokens, **limits)
     h, p = server.server_address[:2]
     print(f"serving {source} at http://{h}:{p}/v1  (judge with: --base-url http://{h}:{p}/v1 --judge-model {source})",
           flush=True)

@@ -31,6 +31,7 @@ class Reply:
     body: Any = None  # dict -> JSON; str -> sent as is
     headers: dict[str, str] = field(default_factory=dict)
     stall: float = 0.0  # seconds to wait before answering (longer than the client timeout = a stall)
+    drip: float = 0.0   # seconds between the body's bytes (a server that answers a byte at a time)
 
 
 def chat_reply(content: str | None, finish_reason: str = "stop") -> Reply:
@@ -86,7 +87,13 @@ class FakeOpenAI:
                     for k, v in reply.headers.items():
                         self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(data_b)
+                    if reply.drip:
+                        for i in range(len(data_b)):
+                            self.wfile.write(data_b[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(reply.drip)
+                    else:
+                        self.wfile.write(data_b)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
