@@ -66,14 +66,17 @@ def build_preflight_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Arguments first: --help and a bad flag answer before torch is imported.
+    preflight_args = build_preflight_parser().parse_args(argv[1:]) if argv[:1] == ["preflight"] else None
+    args = build_parser().parse_args(argv) if preflight_args is None else None
     from code_edit.config import HparamsError
     from code_edit.data import DatasetError
     from code_edit.run import RunError
 
-    if argv[:1] == ["preflight"]:
+    if preflight_args is not None:
         from code_edit.preflight import preflight, report
 
-        a = build_preflight_parser().parse_args(argv[1:])
+        a = preflight_args
         try:
             checks = preflight(a.model_type or REPRODUCE_PRESETS, a.datatype or REPRODUCE_DATASETS,
                                judge_base_url=a.judge_base_url, api_key_file=a.api_key_file, need_gpu=not a.no_gpu)
@@ -84,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0 if ok else 1
 
-    args = build_parser().parse_args(argv)
     from code_edit.run import UnitFailed, execute
 
     debug = args.debug or os.environ.get("CODE_EDIT_DEBUG", "") not in ("", "0")

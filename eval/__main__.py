@@ -7,8 +7,6 @@ import argparse
 import logging
 import sys
 
-from .chat import ChatError
-
 
 def _on_off(value: str) -> bool:
     v = value.lower()
@@ -98,6 +96,7 @@ def _backend(args: argparse.Namespace, *, llm: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .chat import ChatError  # after parsing: --help needs no HTTP stack
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "grade":

@@ -210,3 +210,13 @@ def test_articles_only_selects_the_article_cases_for_any_method():
     old = {k: v for k, v in R._identity({"articles_only": False}).items() if k != "articles_only"}
     assert R._identity(old) == R._identity({"articles_only": False})
     assert R._differences(R._identity(old), R._identity({"articles_only": True}))
+
+
+@pytest.mark.parametrize("module", ["code_edit", "eval"])
+def test_help_does_not_import_torch(module):
+    """--help is parsed before the heavy imports (it answers in a fraction of a second, not seconds)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "requests" not in imported
