@@ -1,5 +1,5 @@
 """Command line: `python -m code_edit --editing_method ... --datatype ... --model_type ...` runs (or
-resumes) an editing experiment with the reference's flags (METHOD.md 7.1), in one process or sharded
+resumes) an editing experiment with the reference's flags (docs/method.md 7.1), in one process or sharded
 over `torchrun --nproc_per_node N -m code_edit ...`;
 `python -m code_edit preflight` checks what a run needs before it starts."""
 

@@ -1,4 +1,4 @@
-"""Stage 1, causal bootstrapping (METHOD.md 3.2): best-of-N teacher thoughts, then SFT.
+"""Stage 1, causal bootstrapping (docs/method.md 3.2): best-of-N teacher thoughts, then SFT.
 
 Model-free pieces first (thought extraction, validity filter, best-candidate choice, the on-disk
 candidate cache, SFT examples and schedule); then the model-dependent ones: sampling candidates
@@ -251,7 +251,7 @@ def answer_span_positions(tok: Any, text: str, span: str) -> tuple[list[int], li
     The span is located by characters and mapped to tokens with the tokenizer's offsets on the
     tokenisation of the whole text, so it is right for any chat family: Llama-3's BOS is part of
     the chat string and is parsed once, never added again (the reference scored one token off for
-    Llama, METHOD.md 8.3 item 8).
+    Llama, docs/method.md 8.3 item 8).
     """
     start = text.rfind(span)
     if start < 0:
@@ -347,7 +347,7 @@ def bootstrap_data(model: Any, tok: Any, requests: Sequence[Any], cfg: Any, *, c
     request (one prompt, replicas x num_samples samples: the prompt is prefilled once), thoughts are
     extracted, filtered and scored, and the best one per replica is cached. A replica with no valid
     candidate is sampled again up to `max_resample_rounds` times, then skipped with a warning.
-    Noncausal mode: no cache, filter or reward (METHOD.md 3.2 step 6, with the real old answer).
+    Noncausal mode: no cache, filter or reward (docs/method.md 3.2 step 6, with the real old answer).
     `seed` seeds noncausal sampling; causal candidates are seeded by the edit itself (model, question,
     article, round), so one edit met in two cases draws the same candidates whichever runs first.
     """

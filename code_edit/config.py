@@ -1,6 +1,6 @@
 """Hyperparameters of the CODE editor and its baselines: one dataclass tree loaded from TOML.
 
-Presets live in code_edit/hparams/*.toml (METHOD.md 3.1 / 8.2 values); `load_hparams` takes a preset
+Presets live in code_edit/hparams/*.toml (docs/method.md 3.1 / 8.2 values); `load_hparams` takes a preset
 name or any TOML path. Every value must be given (by the file or by the preset it `extends`).
 """
 
@@ -111,7 +111,7 @@ class InternalizeSettings:
     disable_dropout: bool
     seed: int
     # The open-book teacher (defaults: the paper's). teacher_form "system_sheet": the cheat-sheet system
-    # turn of METHOD.md 2.3; "in_context": no system turn, the article(s) before the user turn, as the
+    # turn of docs/method.md 2.3; "in_context": no system turn, the article(s) before the user turn, as the
     # InContext method reads them. teacher_articles "own": the rewrite's article; "case": every article of
     # the rewrite's case that is edited in the same unit. teacher_answer_line: the teacher (never the
     # student) is told to end with "The answer now is {new answer}."
@@ -129,7 +129,7 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class LoraBaselineSettings:
-    """Static fact overwriting baseline (reference hparams/LoRA, METHOD.md 8.2)."""
+    """Static fact overwriting baseline (reference hparams/LoRA, docs/method.md 8.2)."""
 
     rank: int
     alpha: float
@@ -144,7 +144,7 @@ class LoraBaselineSettings:
 
 @dataclass(frozen=True)
 class CakeBaselineSettings:
-    """CaKE augmentation SFT baseline (reference edit_utils.cake, METHOD.md 8.2)."""
+    """CaKE augmentation SFT baseline (reference edit_utils.cake, docs/method.md 8.2)."""
 
     rank: int
     alpha: float
@@ -349,7 +349,7 @@ def _check_value(key: str, typ: Any, value: Any, origin: Path) -> Any:
 def _validate(cfg: CausalEditConfig, origin: Path) -> None:
     """Cross-field rules the per-key checks cannot see."""
     if cfg.teacher_use_sft and not cfg.student_use_sft:
-        # The reference crashes here (METHOD.md 8.3 item 9); we refuse it up front.
+        # The reference crashes here (docs/method.md 8.3 item 9); we refuse it up front.
         raise HparamsError(f"{origin}: teacher_use_sft = true needs student_use_sft = true")
     it = cfg.internalize
     if it.prompts_per_step % it.micro_batches:

@@ -1,4 +1,4 @@
-"""Which cases a run edits, and in what order (METHOD.md 3.7, 6, 7.1).
+"""Which cases a run edits, and in what order (docs/method.md 3.7, 6, 7.1).
 
 Resolves dataset names (downloaded `*_causalenhanced.json` files pinned to a reference commit, or
 the bundled MQuAKE-hard), filters and orders cases like the reference, groups batch edits, and turns
@@ -191,7 +191,7 @@ def case_has_articles(case: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Ordering (METHOD.md 7.1)
+# Ordering (docs/method.md 7.1)
 
 def hop_count(case: dict) -> int:
     return len(case.get("new_single_hops", []))
@@ -237,7 +237,7 @@ def order_cases(cases: list[dict], *, seed: int = 70, hop: int | None = None, ma
 
 
 # ------------------------------------------------------------------------------------------------
-# Batch editing (METHOD.md 3.7)
+# Batch editing (docs/method.md 3.7)
 
 @dataclass(frozen=True)
 class BatchGroup:

@@ -1,4 +1,4 @@
-"""Edit, evaluate, discard: one case (or one batch-edit group, METHOD.md 3.7) per call.
+"""Edit, evaluate, discard: one case (or one batch-edit group, docs/method.md 3.7) per call.
 
 Every method starts from the pristine base weights: a fresh seeded LoRA is added, trained, used for
 evaluation with eval.probes, optionally saved in PEFT format, and removed (never merged), so the
@@ -182,7 +182,7 @@ class Editor:
                     stats["sft"] = {"skipped": "no examples"}
         teacher = None
         if cfg.teacher_use_sft == cfg.student_use_sft:
-            # S=T: the teacher is a frozen snapshot of the student adapter as stage 2 begins (METHOD.md 3.4).
+            # S=T: the teacher is a frozen snapshot of the student adapter as stage 2 begins (docs/method.md 3.4).
             snap = snapshot(model)
             teacher = lambda: swapped(model, snap)  # noqa: E731
         with stages("internalize"):
@@ -197,7 +197,7 @@ class Editor:
             self.reporter.tokens(int(n * length))
 
     def _lora_baseline(self, requests, cases, stages: Stages, stats: dict) -> None:
-        """Static fact overwriting: the edit question and its cloze -> the new answer (METHOD.md 8.2)."""
+        """Static fact overwriting: the edit question and its cloze -> the new answer (docs/method.md 8.2)."""
         bl = self.cfg.baseline_lora
         examples = []
         for req in requests:
@@ -208,7 +208,7 @@ class Editor:
                            batch_size=bl.batch_size, weight_decay=bl.weight_decay, max_length=bl.max_length)
 
     def _cake_baseline(self, requests, cases, stages: Stages, stats: dict) -> None:
-        """CaKE augmentation SFT: cloze -> new answer, rephrase Q -> A, learning Q -> A + "." (METHOD.md 8.2).
+        """CaKE augmentation SFT: cloze -> new answer, rephrase Q -> A, learning Q -> A + "." (docs/method.md 8.2).
         Without rephrase/learning prompts (MQuAKE-hard) it trains on the edit question and the cloze."""
         bc = self.cfg.baseline_cake
         rewrites = {(c["case_id"], r): rw for c in cases for r, rw in enumerate(c["requested_rewrite"])}

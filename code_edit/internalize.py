@@ -1,4 +1,4 @@
-"""Stage 2, causal internalization (METHOD.md 3.3-3.6): on-policy distillation of the LoRA student.
+"""Stage 2, causal internalization (docs/method.md 3.3-3.6): on-policy distillation of the LoRA student.
 
 The prompt pool (closed-book student rows paired with open-book teacher rows) and the step
 schedule, then the loop that draws prompts each step and hands them to train.distill.Distiller

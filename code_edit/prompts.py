@@ -1,4 +1,4 @@
-"""Prompts of the CODE method (METHOD.md section 2): open-book teacher, closed-book student, reward.
+"""Prompts of the CODE method (docs/method.md section 2): open-book teacher, closed-book student, reward.
 
 Every builder returns chat messages ([{"role", "content"}]); rendering them is the tokenizer's job.
 Instructions are in our own words; labels, sections and answer formats follow the reference exactly.
@@ -75,7 +75,7 @@ def teacher_system_prompt(
     """The open-book system prompt: task, then the hidden cheat sheet.
 
     Both modes carry the real old answer (the reference passed None in noncausal bootstrapping,
-    METHOD.md 8.3 item 10); only causal mode carries the article.
+    docs/method.md 8.3 item 10); only causal mode carries the article.
     """
     _check_mode(mode)
     for label, value in (("anchor_question", anchor_question), ("old_answer", old_answer), ("new_answer", new_answer)):

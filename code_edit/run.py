@@ -1,4 +1,4 @@
-"""One editing run end to end: pick cases, lay out the run directory (METHOD.md 7.1), edit and
+"""One editing run end to end: pick cases, lay out the run directory (docs/method.md 7.1), edit and
 evaluate unit by unit with a progress bar, and resume after a crash.
 
 `metrics.jsonl` (one fsynced line per finished case) is the run's source of truth; metrics.json and

@@ -1,5 +1,5 @@
 """Command line: `python -m eval grade | judge | analyze | extract-ce | judge-agreement | serve` (the reference's
-flags of METHOD.md 7.2). Judging uses an OpenAI-compatible endpoint when a key or --base-url is given, else the
+flags of docs/method.md 7.2). Judging uses an OpenAI-compatible endpoint when a key or --base-url is given, else the
 strict offline grader (docs/grading.md)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`python -m eval analyze` and `extract-ce`: self-refutation per item and per rewrite, the
-self-refutation rate SRR (METHOD.md 4.5), "why" rationale alignment with the article (4.6), and the
+self-refutation rate SRR (docs/method.md 4.5), "why" rationale alignment with the article (4.6), and the
 causal-enhanced comparison with an exact McNemar test (4.7)."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ FLAGS = ("conflict_probe", "conflict_probe_tell_me_about_first", "hop_wise_pred"
 SRR_LABEL = "Combined (any source), among rewrites with hop_wise_pred assertion_of_target_new=true"
 ASSERTED = "hop_wise_pred assertion_of_target_new=true"
 _ANALYSIS_KEYS = ("assertion_of_target_new", "explicit_negation_of_target_new", "final_submitted_answer_target_new")
-# post keys that are not self-refutation items (METHOD.md 4.5), and old_knowledge_probe (see README).
+# post keys that are not self-refutation items (docs/method.md 4.5), and old_knowledge_probe (see docs/evaluation.md "Self-refutation").
 _NOT_ANALYSED = {"hop_wise", "accuracy", "accuracy_pred", "causal_enhanced_hop_wise_pred",
                  "causal_enhanced_conflict_probe", "old_knowledge_probe"}
 

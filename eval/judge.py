@@ -1,6 +1,6 @@
 """`python -m eval judge`: grade hop-wise and multi-hop answers PASS/FAIL with the strict offline grader
 (eval.grade; or the reference's substring rule, or an LLM judge), checkpointed per item so a killed run
-resumes, then H-Acc and M-Acc (METHOD.md 4.4). Also the item engine that `analyze` reuses."""
+resumes, then H-Acc and M-Acc (docs/method.md 4.4). Also the item engine that `analyze` reuses."""
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,5 @@
 """MQuAKE-format datasets (CF-3k-v2, T, hard and their `*_causalenhanced` versions): load,
-validate every field the code uses (METHOD.md 6), and attach generated causal articles to cases.
+validate every field the code uses (docs/method.md 6), and attach generated causal articles to cases.
 A bad record raises MQuAKEFormatError naming the file, the case_id and the field."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from .files import read_json
 
-# Cases the reference drops before running (METHOD.md 6.2).
+# Cases the reference drops before running (docs/method.md 6.2).
 EXCLUDED_CASE_IDS: dict[str, frozenset[int]] = {"MQuAKE-CF-3k-v2": frozenset({35})}
 
 
@@ -115,7 +115,7 @@ def load_articles(path: str | Path) -> dict[str, dict]:
 
 
 def attach_articles(cases: list[dict], articles: dict[str, dict]) -> tuple[list[dict], list[str]]:
-    """Copy `cases` and set requested_rewrite[r]['article'] from articles["{case_id}_{r}"] (METHOD.md
+    """Copy `cases` and set requested_rewrite[r]['article'] from articles["{case_id}_{r}"] (docs/method.md
     5.3). Returns (merged copies, keys of rewrites left without any article). The caller's dicts are
     never modified; an article whose new_answer disagrees with the rewrite's target_new is an error."""
     merged: list[dict] = []

@@ -1,4 +1,4 @@
-"""Evaluation probes for one MQuAKE case (METHOD.md 4.2), answered in batches, scored by alias
+"""Evaluation probes for one MQuAKE case (docs/method.md 4.2), answered in batches, scored by alias
 substring match, and stored as the per-case `post` dict, `metrics.json` and `res.json` (4.3)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .files import atomic_write_json, read_json
 from .mquake import old_refs_for
 from .mquake import target_str
 
-# Wording the reference uses verbatim (METHOD.md 4.2).
+# Wording the reference uses verbatim (docs/method.md 4.2).
 STEP = "Let's think step by step."
 CE_PREFIX = ("Use the following article as authoritative updated knowledge for answering the question. "
              "It is an absolute fact. Do not doubt whether it is true.")
@@ -29,7 +29,7 @@ OLD_PER_REWRITE = 2
 
 @dataclass
 class GenConfig:
-    """Decoding for evaluation: greedy, 768 new tokens, repetition penalty 1.1 (METHOD.md 4.1)."""
+    """Decoding for evaluation: greedy, 768 new tokens, repetition penalty 1.1 (docs/method.md 4.1)."""
     max_new_tokens: int = 768
     temperature: float = 0.0
     top_p: float = 1.0
@@ -88,7 +88,7 @@ def with_article(prompt: str, article: str | None) -> str:
 # ---------------------------------------------------------------------------- probes
 
 def build_probes(case: dict) -> list[Probe]:
-    """Every probe of METHOD.md 4.2 for one case, in storage order."""
+    """Every probe of docs/method.md 4.2 for one case, in storage order."""
     out: list[Probe] = []
     rws = case["requested_rewrite"]
     hops = case["new_single_hops"]
@@ -136,7 +136,7 @@ def conflict_prompts(rw: dict) -> list[str]:
 
 
 def assemble_post(case: dict, probes: list[Probe], preds: list[str]) -> dict:
-    """The per-case `post` dict of METHOD.md 4.3 from probes and their answers (same order)."""
+    """The per-case `post` dict of docs/method.md 4.3 from probes and their answers (same order)."""
     if len(probes) != len(preds):
         raise ValueError(f"case_id {case.get('case_id')}: {len(probes)} probes but {len(preds)} answers")
     n_hops = len(case["new_single_hops"])

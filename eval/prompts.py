@@ -1,4 +1,4 @@
-"""Prompts for the LLM judges (METHOD.md 4.4-4.6), in this project's own wording: answer
+"""Prompts for the LLM judges (docs/method.md 4.4-4.6), in this project's own wording: answer
 correctness (PASS/FAIL in <verification> tags), self-refutation (JSON only) and article-grounded
 "why" consistency (<consistency>/<evidence>/<reason> tags). Each builder returns chat messages; each
 *_CHOICES lists every well-formed reply without free text, for judges constrained by guided_choice."""

@@ -1,6 +1,6 @@
 """`python -m scaffold`: Wikidata grounding -> causal articles (+ verification) -> merged dataset.
 
-Flags follow the reference's generate.py (METHOD.md 7.3). Every stage resumes from its output file,
+Flags follow the reference's generate.py (docs/method.md 7.3). Every stage resumes from its output file,
 so rerunning the same command after Ctrl-C or a crash continues where it stopped.
 """
 

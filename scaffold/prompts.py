@@ -1,6 +1,6 @@
 """Prompts of the causal scaffold: the news-editor generation prompt and the logic-verifier prompt.
 
-Structure follows METHOD.md 5.2 (own wording); the `<article>` and `<verification>PASS|FAIL</verification>`
+Structure follows docs/method.md 5.2 (own wording); the `<article>` and `<verification>PASS|FAIL</verification>`
 formats are the reference's and are parsed by `scaffold.articles`.
 """
 

@@ -1,5 +1,5 @@
 """python -m code_edit end to end on the tiny model: every method writes every output file with the
-documented keys in the METHOD.md 7.1 layout; interrupted runs (exception, kill -9 with a torn journal
+documented keys in the docs/method.md 7.1 layout; interrupted runs (exception, kill -9 with a torn journal
 line) resume with each case exactly once; settings mismatches are refused; batch mode; preflight."""
 import json
 import os
@@ -149,7 +149,7 @@ def test_batch_edit_groups_evaluate_contributing_cases(tmp_path):
     order = [c["case_id"] for c in order_cases(dataset(), seed=70, batch_mode=True)]
     assert order == [4, 3, 2, 1]  # (code_edit.data's tests check the shuffle itself)
     assert main(cli_args(tmp_path, "LoRA", "--batch_edit", "2", "--run_id", "b")) == 0
-    # By hand (METHOD.md 3.7): unique edits in case order: Hooli (4), Tyrell (3), Acme (3), Umbrella (2);
+    # By hand (docs/method.md 3.7): unique edits in case order: Hooli (4), Tyrell (3), Acme (3), Umbrella (2);
     # case 1's Acme is a duplicate key. Groups of 2: [Hooli, Tyrell] -> cases 4, 3; [Acme, Umbrella] -> 3, 2.
     (d,) = run_dirs(tmp_path, "LoRA", "default")
     assert d.name == "n3_b2_seed70_b"

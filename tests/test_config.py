@@ -1,4 +1,4 @@
-"""code_edit.config: every preset loads with METHOD.md 3.1 / 8.2 values; bad files fail naming the key and file."""
+"""code_edit.config: every preset loads with docs/method.md 3.1 / 8.2 values; bad files fail naming the key and file."""
 import dataclasses
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 from code_edit.config import HPARAMS_DIR, CausalEditConfig, HparamsError, load_hparams, preset_names
 
-# The reference values, typed in from METHOD.md 3.1, 3.2, 3.5, 4.1 and 8.2 (not read from our presets).
+# The reference values, typed in from docs/method.md 3.1, 3.2, 3.5, 4.1 and 8.2 (not read from our presets).
 PAPER = {
     "editing_mode": "causal",
     "student_use_sft": True,
@@ -79,7 +79,7 @@ PAPER = {
     "baseline_cake.max_length": 256,
 }
 
-# Differences from PAPER per preset (METHOD.md 3.1 "YAML files" and the issue).
+# Differences from PAPER per preset (docs/method.md 3.1 "YAML files" and the issue).
 VARIANTS = {
     "qwen2.5-7b-instruct": {},
     "qwen2.5-7b-instruct_cake": {"internalize.max_steps_base": 35, "internalize.cake_data": True},

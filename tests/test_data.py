@@ -1,4 +1,4 @@
-"""code_edit.data: reference ordering (METHOD.md 7.1), batch grouping (3.7), pinned download with sha256
+"""code_edit.data: reference ordering (docs/method.md 7.1), batch grouping (3.7), pinned download with sha256
 check against a fake HTTP server on 127.0.0.1, bundled MQuAKE-hard with articles, edit requests."""
 import gzip
 import hashlib

@@ -70,7 +70,7 @@ def naive_kl(zs, zt, direction, top_k):
 
 
 def naive_step_loss(model, prompts, rollouts, cfg):
-    """One row at a time, no padding, full logits: the METHOD.md 3.6 loss, differentiable."""
+    """One row at a time, no padding, full logits: the docs/method.md 3.6 loss, differentiable."""
     by_index = {i: p for i, p in enumerate(prompts)}
     scores, kls, keep, lens = [], [], [], []
     for c in rollouts:

@@ -1,6 +1,6 @@
 """code_edit.editor: base weights bit-identical after every trained method, the LoRA really trained and
 really removed, per-stage times and memory recorded, InContext prompts carry the articles, the
-baselines' training pairs, method aliases, and batch-mode units following METHOD.md 3.7."""
+baselines' training pairs, method aliases, and batch-mode units following docs/method.md 3.7."""
 from types import SimpleNamespace
 
 import pytest

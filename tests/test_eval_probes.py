@@ -1,4 +1,4 @@
-"""eval.probes: the probes of METHOD.md 4.2 for a real MQuAKE-hard case (counts and exact forms),
+"""eval.probes: the probes of docs/method.md 4.2 for a real MQuAKE-hard case (counts and exact forms),
 the `post` dict and the string-match res.json, with a pure-Python answer function."""
 import copy
 import json

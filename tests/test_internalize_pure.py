@@ -1,5 +1,5 @@
 """code_edit.internalize (model-free parts): the distillation prompt pool (14 / 98 / 12 rows per edit,
-METHOD.md 3.3) built from a real MQuAKE-hard rewrite, and the step / warmup schedule (3.5)."""
+docs/method.md 3.3) built from a real MQuAKE-hard rewrite, and the step / warmup schedule (3.5)."""
 import dataclasses
 from collections import Counter
 

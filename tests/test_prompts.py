@@ -1,4 +1,4 @@
-"""code_edit.prompts: structure, labels, order and answer formats of METHOD.md section 2, in both modes
+"""code_edit.prompts: structure, labels, order and answer formats of docs/method.md section 2, in both modes
 and rendered through both chat families."""
 import pytest
 from tokenizers import AddedToken, Tokenizer as HFTok, models, pre_tokenizers
@@ -48,7 +48,7 @@ def test_noncausal_teacher_system_prompt_carries_real_old_answer():
     positions(s, ["### TASK", "### HIDDEN CONTEXT Cheat Sheet"] + lines)
     assert s.rstrip("\n").endswith("\n".join(lines))
     assert "Old Fact" not in s and "<article>" not in s and "Reference Article" not in s
-    assert ": None" not in s  # METHOD.md 8.3 item 10, fixed
+    assert ": None" not in s  # docs/method.md 8.3 item 10, fixed
     # an article handed to noncausal mode is ignored, not leaked
     assert P.teacher_system_prompt(Q, OLD, NEW, ARTICLE, "noncausal") == s
 

@@ -74,7 +74,7 @@ def test_early_stop_matches_the_unstopped_trajectory():
     assert out["stopped_early"] and out["steps"] == first + 1
     assert out["losses"] == L[: first + 1] and out["final_loss"] == L[first]
     assert all(p.grad is None for p in params)  # the step queued behind the stopping one left no gradient
-    # the schedule still runs over the planned 60 steps (METHOD.md 3.2), not over the steps taken
+    # the schedule still runs over the planned 60 steps (docs/method.md 3.2), not over the steps taken
     total, warmup = 60, 6
     assert lrs == pytest.approx([2e-2 * (s / warmup if s < warmup else
                                         0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
@@ -179,7 +179,7 @@ def test_schedule_and_only_lora_changes():
 
 
 def test_plan_matches_the_reference_schedule():
-    assert sft_plan(25, 12, 125, 0.1) == (375, 38)  # METHOD.md 3.2: 3 steps/epoch, warmup ~38
+    assert sft_plan(25, 12, 125, 0.1) == (375, 38)  # docs/method.md 3.2: 3 steps/epoch, warmup ~38
     assert sft_plan(24, 12, 1, 0.1) == (2, 1)
     assert warmup_cosine(38, 375, 38) == 1.0 and warmup_cosine(375, 375, 38) == 0.0
 

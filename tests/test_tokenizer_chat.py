@@ -1,4 +1,4 @@
-"""Chat strings byte-exact to METHOD.md 2.1 for ChatML (Qwen, SmolLM2) and Llama-3, and eos ids."""
+"""Chat strings byte-exact to docs/method.md 2.1 for ChatML (Qwen, SmolLM2) and Llama-3, and eos ids."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""One on-policy distillation step (causal internalization, METHOD.md 3.5-3.6).
+"""One on-policy distillation step (causal internalization, docs/method.md 3.5-3.6).
 
 The student (LoRA on, dropout off) samples rollouts for closed-book prompts; the teacher (the same
 network with LoRA off, or a teacher adapter) scores them with the open-book prompt; the student is
@@ -149,7 +149,7 @@ class Distiller:
     def __init__(self, model: nn.Module, params: list[nn.Parameter], cfg: DistillConfig, stop_ids: list[int], *,
                  teacher: Callable[[], contextlib.AbstractContextManager] | None = None):
         """teacher: a factory of context managers inside which the model IS the teacher. None = the base
-        model, LoRA disabled (METHOD.md 3.4 default S=1, T=0); for S=T pass e.g.
+        model, LoRA disabled (docs/method.md 3.4 default S=1, T=0); for S=T pass e.g.
         `lambda: lora.swapped(model, teacher_snapshot)`."""
         _check_config(cfg)
         if not params or not all(p.requires_grad for p in params):

@@ -150,7 +150,7 @@ def distill_loss(
 
     Support: top_k = 0 uses the full vocabulary. top_k > 0 uses, per token, U = the teacher's top-k
     ∪ the student's top-k logit indices (k <= |U| <= 2k); both distributions are renormalised on U
-    (log-softmax over U) and the divergence is summed over U (METHOD.md 3.6 steps 6-7).
+    (log-softmax over U) and the divergence is summed over U (docs/method.md 3.6 steps 6-7).
 
     direction: "forward" D = KL(T || S) (teacher is the target); "reverse" D = KL(S || T);
     "jsd" the generalized Jensen-Shannon divergence with 0 < beta < 1:

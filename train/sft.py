@@ -1,4 +1,4 @@
-"""Supervised LoRA fine-tuning with a completion-only loss (causal bootstrapping's SFT, METHOD.md 3.2 step 9).
+"""Supervised LoRA fine-tuning with a completion-only loss (causal bootstrapping's SFT, docs/method.md 3.2 step 9).
 
 AdamW over the given parameters, linear warmup then cosine decay over the planned steps, gradient
 clipping, per-epoch shuffling, early stop once the step loss stays below a threshold. The host reads each
