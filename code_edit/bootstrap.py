@@ -449,10 +449,11 @@ def run_sft(model: Any, examples: list[tuple[list[int], list[int]]], cfg: Any, *
     grad_accum is folded into the batch (same mean loss per optimizer step)."""
     from train.sft import SFTConfig, sft
 
-    b = cfg.bootstrap
+    b, opt = cfg.bootstrap, cfg.optimizer
     scfg = SFTConfig(lr=b.learning_rate, epochs=b.epochs, batch_size=b.batch_size * b.grad_accum,
-                     warmup_ratio=b.warmup_ratio, max_grad_norm=b.max_grad_norm,
-                     weight_decay=cfg.optimizer.weight_decay, stop_loss=b.early_stop_loss,
+                     warmup_ratio=b.warmup_ratio, max_grad_norm=b.max_grad_norm, lr_scheduler=b.lr_scheduler,
+                     weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2,
+                     adam_eps=opt.adam_eps, stop_loss=b.early_stop_loss,
                      stop_consecutive=b.early_stop_consecutive, max_length=b.sft_max_length,
                      grad_checkpointing=cfg.model.grad_checkpointing, seed=b.seed)
     return sft(model, examples, lora_parameters(model), scfg, log=log_fn)

@@ -106,10 +106,6 @@ class InternalizeSettings:
     repetition_ngram_n: int
     repetition_window: int
     repetition_threshold: float
-    importance_sampling: bool  # truncated ratio between trainer and sampler log-probs
-    importance_sampling_cap: float
-    disable_dropout: bool
-    seed: int
     # The open-book teacher (defaults: the paper's). teacher_form "system_sheet": the cheat-sheet system
     # turn of docs/method.md 2.3; "in_context": no system turn, the article(s) before the user turn, as the
     # InContext method reads them. teacher_articles "own": the rewrite's article; "case": every article of
@@ -135,7 +131,7 @@ class LoraBaselineSettings:
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
-    num_steps: int
+    epochs: int  # passes over the edit's (question, answer) pairs (the reference's num_steps)
     batch_size: int
     learning_rate: float
     weight_decay: float
@@ -189,7 +185,17 @@ _ZERO_OK = {
     "internalize.max_steps", "internalize.top_k", "internalize.top_k_support",
     "bootstrap.max_resample_rounds", "internalize.max_steps_per_extra_edit",
 }
-_FREE_INTS = {"lora.init_seed", "bootstrap.seed", "internalize.seed"}
+_FREE_INTS = {"lora.init_seed", "bootstrap.seed"}
+# Keys that no longer exist, and why; a file that still sets one gets this in its error.
+REMOVED = {
+    "internalize.importance_sampling": "removed: rollouts are sampled by the trained network itself, so the "
+                                       "sampler/trainer importance ratio the reference corrects for is 1 "
+                                       "(docs/method.md 3.6)",
+    "internalize.importance_sampling_cap": "removed with internalize.importance_sampling",
+    "internalize.disable_dropout": "removed: distillation always trains with LoRA dropout off (docs/method.md 3.5)",
+    "internalize.seed": "removed: each distillation step's seed derives from the unit (case or group) key",
+    "baseline_lora.num_steps": "renamed to baseline_lora.epochs",
+}
 _POSITIVE = {  # numbers that must be > 0 (a zero learning rate or clipping norm trains nothing)
     "bootstrap.learning_rate", "internalize.learning_rate", "baseline_lora.learning_rate",
     "baseline_cake.learning_rate", "lora.alpha", "baseline_lora.alpha", "baseline_cake.alpha",
@@ -279,6 +285,8 @@ def _build(cls: type, raw: dict[str, Any], *, prefix: str, origin: Path, name: s
     for key, val in raw.items():
         if key not in fields:
             where = val.origin if isinstance(val, _Leaf) else origin
+            if prefix + key in REMOVED:
+                raise HparamsError(f"{where}: key {prefix + key!r} {REMOVED[prefix + key]}; delete it from the file")
             raise HparamsError(f"{where}: unknown key {prefix + key!r}; allowed here: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
     for fname in fields:

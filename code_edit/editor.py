@@ -204,7 +204,7 @@ class Editor:
             for q in (req.question, req.cloze):
                 examples.append(self._qa_ids(q, req.new_answer))
         self._baseline_sft(examples, stages, stats, rank=bl.rank, alpha=bl.alpha, dropout=bl.dropout,
-                           targets=bl.target_modules, lr=bl.learning_rate, epochs=bl.num_steps,
+                           targets=bl.target_modules, lr=bl.learning_rate, epochs=bl.epochs,
                            batch_size=bl.batch_size, weight_decay=bl.weight_decay, max_length=bl.max_length)
 
     def _cake_baseline(self, requests, cases, stages: Stages, stats: dict) -> None:

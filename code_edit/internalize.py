@@ -11,10 +11,14 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from code_edit.config import CausalEditConfig
 from code_edit.data import EditRequest
 from code_edit.prompts import Messages, student_messages, student_user_content, teacher_messages
+
+if TYPE_CHECKING:
+    from train.distill import DistillConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,21 +154,22 @@ def distill_prompts(tok: Any, rows: Sequence[PoolRow], *, max_prompt_length: int
     return out
 
 
-def distill_config(cfg: Any, steps: int) -> Any:
-    """train.distill.DistillConfig from the preset's [internalize] values."""
+# [internalize] keys that DistillConfig takes under the same name.
+_SAME_NAME = ("max_grad_norm", "rollouts_per_prompt", "micro_batches", "max_completion_length", "temperature", "top_p",
+              "top_k", "direction", "top_k_support", "kd_temperature", "repetition_ngram_n", "repetition_window",
+              "repetition_threshold", "seq_weight_temperature", "repetition_penalty", "mask_truncated_completions",
+              "lr_scheduler")
+
+
+def distill_config(cfg: CausalEditConfig, steps: int) -> DistillConfig:
+    """train.distill.DistillConfig from the preset's [internalize] and [optimizer] values."""
     from train.distill import DistillConfig
 
-    it = cfg.internalize
+    it, opt = cfg.internalize, cfg.optimizer
     return DistillConfig(
         lr=it.learning_rate, max_steps=steps, warmup_steps=warmup_steps(steps, it.warmup_ratio),
-        max_grad_norm=it.max_grad_norm, rollouts_per_prompt=it.rollouts_per_prompt, micro_batches=it.micro_batches,
-        max_completion_length=it.max_completion_length, temperature=it.temperature, top_p=it.top_p, top_k=it.top_k,
-        direction=it.direction, support_top_k=it.top_k_support, kd_temperature=it.kd_temperature,
-        rep_ngram=it.repetition_ngram_n, rep_window=it.repetition_window, rep_threshold=it.repetition_threshold,
-        seq_weight_temperature=it.seq_weight_temperature, grad_checkpointing=cfg.model.grad_checkpointing,
-        seed=it.seed, repetition_penalty=it.repetition_penalty,
-        mask_truncated_completions=it.mask_truncated_completions,
-    )
+        grad_checkpointing=cfg.model.grad_checkpointing, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, **{k: getattr(it, k) for k in _SAME_NAME})
 
 
 def internalize(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: Any, *, seed: int,
@@ -187,9 +192,6 @@ def internalize(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: Any,
                       override=it.max_steps)
     draws = prompt_draws(len(rows), it.prompts_per_step, steps, seed)
     prompts = distill_prompts(tok, rows, max_prompt_length=it.max_prompt_length)
-    if not it.disable_dropout:
-        log.warning("internalize.disable_dropout = false is not supported: train.distill always trains with "
-                    "LoRA dropout off")
     distiller = Distiller(model, lora_parameters(model), distill_config(cfg, steps), list(tok.eos_ids),
                           teacher=teacher)
     history = []

@@ -56,7 +56,6 @@ PAPER = {
     "internalize.repetition_ngram_n": 3,
     "internalize.repetition_window": 48,
     "internalize.repetition_threshold": 0.15,
-    "internalize.disable_dropout": True,
     "eval.temperature": 0.0,
     "eval.max_new_tokens": 768,
     "eval.repetition_penalty": 1.1,
@@ -64,7 +63,7 @@ PAPER = {
     "baseline_lora.alpha": 32.0,
     "baseline_lora.dropout": 0.1,
     "baseline_lora.target_modules": ("q_proj", "v_proj"),
-    "baseline_lora.num_steps": 60,
+    "baseline_lora.epochs": 60,
     "baseline_lora.batch_size": 1,
     "baseline_lora.learning_rate": 5e-3,
     "baseline_lora.weight_decay": 0.0,
@@ -255,7 +254,24 @@ def test_presets_resolve_to_their_values_before_the_teacher_keys(name):
     now = json.loads(json.dumps(load_hparams(name).to_dict()))  # tuples -> lists, as in the file
     assert {k: v for k, v in now["internalize"].items() if k in TEACHER_KEYS} == TEACHER_KEYS
     now["internalize"] = {k: v for k, v in now["internalize"].items() if k not in TEACHER_KEYS}
+    # The keys issue S1 removed (they changed nothing) and the one it renamed, as they were that day:
+    for key in ("importance_sampling", "importance_sampling_cap", "disable_dropout", "seed"):
+        now["internalize"][key] = before["internalize"][key]
+    now["baseline_lora"]["num_steps"] = now["baseline_lora"].pop("epochs")
     assert now == before
+
+
+@pytest.mark.parametrize("line, says", [
+    ("[internalize]\nimportance_sampling = true", "importance ratio"),
+    ("[internalize]\nseed = 1", "derives from the unit"),
+    ("[internalize]\ndisable_dropout = true", "dropout off"),
+    ("[baseline_lora]\nnum_steps = 3", "renamed to baseline_lora.epochs"),
+])
+def test_removed_keys_say_so(tmp_path, line, says):
+    p = tmp_path / "x.toml"
+    p.write_text(f'extends = "tiny"\n{line}\n')
+    with pytest.raises(HparamsError, match=says):
+        load_hparams(p)
 
 
 @pytest.mark.parametrize("line", ['teacher_form = "article"', 'teacher_articles = "all"', "teacher_answer_line = 1"])

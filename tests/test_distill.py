@@ -10,7 +10,8 @@ import torch
 from model import load_model
 from model.lora import LoraConfig, add_lora, disabled, lora_parameters, snapshot, swapped
 from test_sft import tiny_model
-from train.distill import (DistillConfig, Distiller, DistillPrompt, constant_with_warmup, repetition_ratio,
+from train.schedules import constant_with_warmup
+from train.distill import (DistillConfig, Distiller, DistillPrompt, repetition_ratio,
                            sequence_weights)
 from train.sft import SFTConfig, sft
 
@@ -42,7 +43,7 @@ PROMPTS = [  # teacher prompts differ from (and are longer than) the student pro
 
 def config(**kw):
     base = dict(lr=1e-3, max_steps=10, warmup_steps=2, rollouts_per_prompt=4, micro_batches=1,
-                max_completion_length=12, support_top_k=4, rep_window=8, rep_threshold=0.15)
+                max_completion_length=12, top_k_support=4, repetition_window=8, repetition_threshold=0.15)
     return DistillConfig(**{**base, **kw})
 
 
@@ -81,8 +82,8 @@ def naive_step_loss(model, prompts, rollouts, cfg):
                 zt = model(torch.tensor([p.teacher_ids + c.tokens]))[0, len(p.teacher_ids) - 1:-1] / cfg.kd_temperature
         zs = model(torch.tensor([p.student_ids + c.tokens]))[0, len(p.student_ids) - 1:-1] / cfg.kd_temperature
         scores.append(float(zt.log_softmax(1).gather(1, y[:, None]).mean()))
-        kls.append(naive_kl(zs, zt, cfg.direction, cfg.support_top_k))
-        keep.append(1.0 if naive_repetition(c.tokens, cfg.rep_ngram, cfg.rep_window) <= cfg.rep_threshold else 0.0)
+        kls.append(naive_kl(zs, zt, cfg.direction, cfg.top_k_support))
+        keep.append(1.0 if naive_repetition(c.tokens, cfg.repetition_ngram_n, cfg.repetition_window) <= cfg.repetition_threshold else 0.0)
         lens.append(len(c.tokens))
     groups = defaultdict(list)  # by the prompt each rollout was sampled for, wherever the rows sit
     for r, c in enumerate(rollouts):
@@ -100,7 +101,7 @@ def naive_step_loss(model, prompts, rollouts, cfg):
 @pytest.mark.parametrize("direction,top_k", [("forward", 4), ("reverse", 4), ("forward", 0)])
 def test_step_matches_naive_reference(direction, top_k):
     model = small_vocab_lora(dropout=0.05)  # the step must switch the dropout off
-    cfg = config(direction=direction, support_top_k=top_k, micro_batches=2)
+    cfg = config(direction=direction, top_k_support=top_k, micro_batches=2)
     d = Distiller(model, lora_parameters(model), cfg, stop_ids=[2])
     stats = d.compute_gradients(PROMPTS, seed=3)
     ours = [p.grad.clone() for p in lora_parameters(model)]
@@ -282,7 +283,7 @@ def test_distillation_teaches_the_closed_book_answer():
 
     params = add_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.05))
     d = Distiller(model, params, DistillConfig(lr=1e-2, max_steps=30, warmup_steps=3, rollouts_per_prompt=4,
-                                               max_completion_length=4, support_top_k=8), stop_ids=[EOS])
+                                               max_completion_length=4, top_k_support=8), stop_ids=[EOS])
     prompts = [DistillPrompt(closed_book(s), open_book(s, x), i) for i, (s, x) in enumerate(facts)]
     losses = []
     while not d.finished:

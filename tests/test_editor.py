@@ -102,7 +102,7 @@ def test_baseline_training_pairs(tiny, tmp_path, monkeypatch, caplog):
     Editor(model, tok, cfg, "LoRA", model_id="m", answer_fn=fake_answers).run_unit("case-2", edit_requests(c2), [c2])
     assert [t[0].split("user\n")[1].split("<|im_end|>")[0] for t in texts()] == ["Who owns Umbrella?",
                                                                                   "Umbrella is owned by ?"]
-    assert (got["cfg"].lr, got["cfg"].epochs, got["cfg"].batch_size) == (5e-3, cfg.baseline_lora.num_steps, 1)
+    assert (got["cfg"].lr, got["cfg"].epochs, got["cfg"].batch_size) == (5e-3, cfg.baseline_lora.epochs, 1)
     assert not has_lora(model)
 
 

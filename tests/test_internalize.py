@@ -49,7 +49,7 @@ def test_internalize_drives_distiller(recorder):
     it = cfg.internalize
     assert (d.cfg.lr, d.cfg.max_steps, d.cfg.warmup_steps, d.cfg.rollouts_per_prompt, d.cfg.micro_batches) == \
         (it.learning_rate, steps, I.warmup_steps(steps, it.warmup_ratio), it.rollouts_per_prompt, it.micro_batches)
-    assert (d.cfg.support_top_k, d.cfg.direction, d.cfg.max_completion_length, d.cfg.top_p) == \
+    assert (d.cfg.top_k_support, d.cfg.direction, d.cfg.max_completion_length, d.cfg.top_p) == \
         (it.top_k_support, it.direction, it.max_completion_length, it.top_p)
     assert d.teacher is None and d.stop_ids == list(tok.eos_ids)
     rows = I.prompt_pool(reqs, mode="causal")

@@ -10,7 +10,8 @@ from model.config import ModelConfig
 from model.decoder import Transformer
 from model.lora import LoraConfig, add_lora, lora_parameters
 from train.losses import completion_ce_loss
-from train.sft import SFTConfig, pack, sft, sft_plan, truncate_example, warmup_cosine
+from train.schedules import warmup_cosine
+from train.sft import SFTConfig, pack, sft, sft_plan, truncate_example
 
 PROMPT = [1, 10, 11, 12, 13]
 COMPLETION = [20, 33, 41, 20, 55, 7, 2]  # 20 twice, in different contexts; 2 = end of turn
@@ -235,3 +236,31 @@ def test_bad_input_is_named():
         sft(model, [(PROMPT, [64, 2])], params, cfg)
     with pytest.raises(ValueError, match="require grad"):
         sft(model, [(PROMPT, COMPLETION)], [model.lm_head.weight], cfg)
+
+
+def test_lr_scheduler_and_adam_keys_reach_the_loop():
+    """`lr_scheduler` and the Adam keys are used, not just recorded: a linear schedule's rates (hand values),
+    and the optimizer built with the given betas and eps."""
+    from train.schedules import lr_factor
+    assert [lr_factor("linear", s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    assert [lr_factor("constant", s, 10, 2) for s in (0, 5)] == [1.0, 1.0]
+    assert [lr_factor("constant_with_warmup", s, 10, 4) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    model, params = lora_model()
+    logs = []
+    examples = [(PROMPT, COMPLETION[:3])] * 4
+    sft(model, examples, params, SFTConfig(lr=1e-3, epochs=5, batch_size=2, stop_loss=None, warmup_ratio=0.2,
+                                           lr_scheduler="linear"), log=logs.append)
+    assert [d["lr"] for d in logs] == pytest.approx([1e-3 * lr_factor("linear", s, 10, 2) for s in range(10)])
+    seen = {}
+    real = torch.optim.AdamW
+
+    def spy(p, **kw):
+        seen.update(kw)
+        return real(p, **kw)
+    torch.optim.AdamW, saved = spy, torch.optim.AdamW
+    try:
+        sft(model, examples, params, SFTConfig(lr=1e-3, epochs=1, batch_size=2, stop_loss=None, adam_beta1=0.8,
+                                               adam_beta2=0.95, adam_eps=1e-6), log=None)
+    finally:
+        torch.optim.AdamW = saved
+    assert seen["betas"] == (0.8, 0.95) and seen["eps"] == 1e-6

@@ -19,6 +19,7 @@ from torch import nn
 from model.generate import Completion, generate
 from model.lora import disabled
 from train import TrainingDiverged
+from train.schedules import lr_factor
 from train.losses import DIRECTIONS, distill_loss, token_logprobs
 
 
@@ -35,17 +36,22 @@ class DistillConfig:
     top_p: float = 0.9
     top_k: int = 0
     direction: str = "forward"  # "forward" KL(teacher||student) | "reverse" | "jsd"
-    support_top_k: int = 24  # KL on the union of each model's top-k per token; 0 = full vocabulary
+    top_k_support: int = 24  # KL on the union of each model's top-k per token; 0 = full vocabulary
     kd_temperature: float = 1.0  # both models' logits are divided by this (KL and sequence scores)
     beta: float = 0.5  # for "jsd"
-    rep_ngram: int = 3
-    rep_window: int = 48
-    rep_threshold: float = 0.15  # a rollout whose repeated-n-gram ratio exceeds this gets weight 0
+    repetition_ngram_n: int = 3
+    repetition_window: int = 48
+    repetition_threshold: float = 0.15  # a rollout whose repeated-n-gram ratio exceeds this gets weight 0
     seq_weight_temperature: float = 1.0
     grad_checkpointing: bool = False
     seed: int = 3407  # rollout seed of step k is seed + k unless step() is given one
     repetition_penalty: float = 1.0  # rollout sampling (the reference leaves it at 1.0)
     mask_truncated_completions: bool = False  # weight 0 for rollouts cut at max_completion_length
+    lr_scheduler: str = "constant_with_warmup"  # train.schedules.SCHEDULES, over max_steps
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
 
 
 @dataclass
@@ -53,12 +59,6 @@ class DistillPrompt:
     student_ids: list[int]  # closed-book prompt (the rollouts are sampled from it)
     teacher_ids: list[int]  # open-book prompt (the teacher reads the same completion after it)
     prompt_index: int  # the prompt's row in the caller's pool (reported back; rollouts are grouped per entry)
-
-
-def constant_with_warmup(step: int, warmup: int) -> float:
-    """LR multiplier at optimizer step `step` (0-based), as transformers' constant_with_warmup:
-    step/warmup during warmup (the first step has lr 0, as in the reference), then 1."""
-    return step / max(1, warmup) if step < warmup else 1.0
 
 
 def repetition_ratio(tokens: Sequence[int], n: int = 3, window: int = 48) -> float:
@@ -90,14 +90,14 @@ def sequence_weights(scores: torch.Tensor, groups: Sequence[int], temperature: f
 def _check_config(cfg: DistillConfig) -> None:
     if cfg.direction not in DIRECTIONS:
         raise ValueError(f"DistillConfig.direction must be one of {DIRECTIONS}, got {cfg.direction!r}")
-    for name in ("rollouts_per_prompt", "micro_batches", "max_completion_length", "rep_ngram", "max_steps"):
+    for name in ("rollouts_per_prompt", "micro_batches", "max_completion_length", "repetition_ngram_n", "max_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("lr", "max_grad_norm", "kd_temperature", "seq_weight_temperature"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"DistillConfig.{name} must be > 0, got {getattr(cfg, name)}")
-    if cfg.warmup_steps < 0 or cfg.support_top_k < 0 or cfg.top_k < 0:
-        raise ValueError("DistillConfig: warmup_steps, support_top_k and top_k must be >= 0")
+    if cfg.warmup_steps < 0 or cfg.top_k_support < 0 or cfg.top_k < 0:
+        raise ValueError("DistillConfig: warmup_steps, top_k_support and top_k must be >= 0")
 
 
 class _NoDropout(contextlib.AbstractContextManager):
@@ -158,7 +158,8 @@ class Distiller:
         self.stop_ids = list(stop_ids)
         self.teacher = teacher or (lambda: disabled(model))
         self.device = model.lm_head.weight.device
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay,
                                      fused=self.device.type == "cuda")
         if self.device.type == "cuda" and not cfg.grad_checkpointing:
             model.compile_blocks()  # teacher and student forwards (small models are launch-bound in eager)
@@ -241,8 +242,8 @@ class Distiller:
                 # Groups: the rollouts of each entry of `prompts`, by the id generate() gives them (an entry
                 # drawn twice is two groups of rollouts_per_prompt, as in the reference's sampler).
                 groups = [c.prompt_index for c in rollouts]
-                keep = torch.tensor([float(repetition_ratio(c.tokens, cfg.rep_ngram, cfg.rep_window)
-                                           <= cfg.rep_threshold) for c in rollouts], device=self.device)
+                keep = torch.tensor([float(repetition_ratio(c.tokens, cfg.repetition_ngram_n, cfg.repetition_window)
+                                           <= cfg.repetition_threshold) for c in rollouts], device=self.device)
                 if cfg.mask_truncated_completions:
                     keep *= torch.tensor([float(c.finish_reason == "stop") for c in rollouts], device=self.device)
                 mbs = self._micro_batches(prompts, rollouts)
@@ -273,7 +274,7 @@ class Distiller:
                     sh = self._gather(model.hidden(mb.student_ids), mb.student_pos)
                     w_tok = row_w[mb.row_of_token]
                     w_mb = float(w_tok.sum())
-                    loss = distill_loss(sh, th, W, w_tok, direction=cfg.direction, top_k=cfg.support_top_k,
+                    loss = distill_loss(sh, th, W, w_tok, direction=cfg.direction, top_k=cfg.top_k_support,
                                         temperature=cfg.kd_temperature, beta=cfg.beta)
                     (loss * (w_mb / norm)).backward()
                     loss_sum += float(loss.detach()) * w_mb / norm
@@ -283,7 +284,7 @@ class Distiller:
                         k_tok = keep[mb.row_of_token]
                         n_k = float(k_tok.sum())
                         if n_k > 0:
-                            kl = distill_loss(sd, th, W, k_tok, direction=cfg.direction, top_k=cfg.support_top_k,
+                            kl = distill_loss(sd, th, W, k_tok, direction=cfg.direction, top_k=cfg.top_k_support,
                                               temperature=cfg.kd_temperature, beta=cfg.beta)
                             kl_sum += float(kl) * n_k
                             kept_tokens += n_k
@@ -312,7 +313,7 @@ class Distiller:
     def step(self, prompts: list[DistillPrompt], *, seed: int | None = None) -> dict:
         """One optimizer step: rollouts, teacher and student forwards, weighted KL, clip, AdamW."""
         t0 = self._sync()
-        lr = self.cfg.lr * constant_with_warmup(self.steps_done, self.cfg.warmup_steps)
+        lr = self.cfg.lr * lr_factor(self.cfg.lr_scheduler, self.steps_done, self.cfg.max_steps, self.cfg.warmup_steps)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)

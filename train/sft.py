@@ -19,6 +19,7 @@ from torch import nn
 
 from model.cuda_graph import GraphedStep
 from train import TrainingDiverged
+from train.schedules import lr_factor
 from train.losses import weighted_ce_at
 
 log_ = logging.getLogger(__name__)  # `log` is sft's per-step callback argument
@@ -32,22 +33,16 @@ class SFTConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 0.1
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "cosine"  # train.schedules.SCHEDULES
     stop_loss: float | None = 0.35  # early stop when the step loss is below this ...
     stop_consecutive: int = 2  # ... on this many consecutive steps; None disables it
     max_length: int = 1024  # prompt + completion tokens per example (see truncate_example)
     grad_checkpointing: bool = False
     seed: int = 3407  # data order and LoRA dropout masks
     cuda_graphs: bool = True  # replay each step as one CUDA graph (see use_cuda_graphs, GraphedStep)
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """LR multiplier at optimizer step `step` (0-based), as transformers' cosine schedule:
-    step/warmup during warmup (so the very first step has lr 0, as in the reference), then
-    0.5 * (1 + cos(pi * progress)) down to 0 at `total`."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def sft_plan(num_examples: int, batch_size: int, epochs: int, warmup_ratio: float) -> tuple[int, int]:
@@ -190,7 +185,8 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     if device.type == "cuda":  # the sampler's kept KV cache (candidate generation) can be tens of GiB
         from model.generate import release
         release(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)
     plan = []  # (epoch, rows of the batch) for every planned step; drawn up front, same order as epoch by epoch
@@ -258,7 +254,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
                     opt.zero_grad(set_to_none=True)
                     stopped, pending = True, None
                     break
-                lr = cfg.lr * warmup_cosine(step, total, warmup)
+                lr = cfg.lr * lr_factor(cfg.lr_scheduler, step, total, warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 stats = _StepStats(loss, gnorm)
