@@ -22,7 +22,7 @@ import time
 import torch
 
 from common import QWEN25_7B, device_line, measure_bandwidth, measure_matmul_flops, random_model, timed, write_json
-from code_edit.bootstrap import chat_ids
+from code_edit.tokens import chat_ids
 from code_edit.config import load_hparams
 from code_edit.data import edit_requests, load_dataset
 from code_edit.prompts import bootstrap_messages

@@ -1,28 +1,31 @@
 """Stage 1, causal bootstrapping (docs/method.md 3.2): best-of-N teacher thoughts, then SFT.
 
-Model-free pieces first (thought extraction, validity filter, best-candidate choice, the on-disk
-candidate cache, SFT examples and schedule); then the model-dependent ones: sampling candidates
-from the base model, scoring them by the answer-span likelihood, and the SFT call (train.sft).
+`bootstrap()` is the entry point. Model-free pieces first (thought extraction, validity filter,
+best-candidate choice, SFT examples), then the model-dependent ones: scoring thoughts by the answer-span
+likelihood, sampling candidates from the base model (causal and noncausal), and the SFT call (train.sft).
+The candidate cache is code_edit/bootstrap_cache.py, the token helpers code_edit/tokens.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eval.files import atomic_write_json
+from code_edit.bootstrap_cache import cache_key, cache_put, cached_replicas
+from code_edit.config import CausalEditConfig
+from code_edit.data import EditRequest
 from code_edit.prompts import (answer_sentence, bootstrap_messages, completion_text, reward_messages,
                                sft_messages)
-from model.generate import generate
+from code_edit.tokens import answer_span_positions, chat_ids, derive_seed, sft_ids
+from model.generate import generate, release
 from model.lora import disabled, lora_parameters
 
 log = logging.getLogger(__name__)
@@ -122,63 +125,7 @@ def noncausal_thoughts(extracted: Sequence[str | None], n: int, new_answer: str)
 
 
 # ------------------------------------------------------------------------------------------------
-# Candidate cache (step 1)
-#
-# One small JSON file per key, written to a temp file in the same directory and os.replace'd into
-# place. Concurrent runs therefore need no lock: a reader sees either no file or a complete one,
-# and two writers of the same key both write complete entries (last one wins; either is valid).
-
-def cache_key(model: str, question: str, replica_idx: int, article: str) -> str:
-    """model | question_replica | shake_128(article) hexdigest(10), lower-cased like the reference."""
-    article_hash = hashlib.shake_128(article.encode("utf-8")).hexdigest(10)
-    return f"{model.lower()}|{f'{question}_{replica_idx}'.lower()}|{article_hash}"
-
-
-def _entry_path(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.json"
-
-
-def cache_get(cache_dir: str | Path, key: str) -> dict[str, Any] | None:
-    """The cached entry {z_star, new_answer, old_answer, question} for `key`, or None."""
-    path = _entry_path(Path(cache_dir), key)
-    try:
-        with open(path, encoding="utf-8") as f:
-            entry = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        log.warning("bootstrap cache: unreadable entry %s (%s); regenerating it", path, e)
-        return None
-    if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("z_star"), str):
-        log.warning("bootstrap cache: %s does not hold key %r; regenerating it", path, key)
-        return None
-    return entry
-
-
-def cache_put(cache_dir: str | Path, key: str, *, z_star: str, new_answer: str, old_answer: str,
-              question: str) -> Path:
-    path = _entry_path(Path(cache_dir), key)
-    entry = {"key": key, "z_star": z_star, "new_answer": new_answer, "old_answer": old_answer, "question": question}
-    atomic_write_json(path, entry)  # temp file + fsync + rename: readers never see a torn entry
-    return path
-
-
-def cached_replicas(cache_dir: str | Path, model: str, question: str, article: str,
-                    replica_times: int) -> tuple[dict[int, str], list[int]]:
-    """({replica: cached thought}, [replicas still to generate])."""
-    found: dict[int, str] = {}
-    missing: list[int] = []
-    for r in range(replica_times):
-        entry = cache_get(cache_dir, cache_key(model, question, r, article))
-        if entry is None:
-            missing.append(r)
-        else:
-            found[r] = entry["z_star"]
-    return found, missing
-
-
-# ------------------------------------------------------------------------------------------------
-# SFT data and schedule (steps 7 and 9)
+# SFT data (step 7)
 
 def sft_example(question: str, thought: str, new_answer: str, *, mode: str = "causal",
                 native_thinking: bool = False) -> dict[str, list[dict[str, str]]]:
@@ -190,78 +137,10 @@ def sft_example(question: str, thought: str, new_answer: str, *, mode: str = "ca
     }
 
 
-def sft_schedule(num_examples: int, *, batch_size: int, grad_accum: int, epochs: int,
-                 warmup_ratio: float) -> tuple[int, int]:
-    """(total optimizer steps, warmup steps) as HF Trainer computes them: the last batch of an epoch
-    may be short, and warmup = ceil(ratio * total). 25 examples, batch 12, 125 epochs -> (375, 38)."""
-    if num_examples < 1:
-        raise ValueError("SFT needs at least one example")
-    batches = math.ceil(num_examples / batch_size)
-    steps_per_epoch = max(1, batches // grad_accum)
-    total = steps_per_epoch * epochs
-    return total, math.ceil(total * warmup_ratio)
-
-
-def should_stop(losses: Sequence[float], threshold: float, consecutive: int) -> bool:
-    """Early stop: the last `consecutive` logged losses are all below `threshold`."""
-    return len(losses) >= consecutive and all(x < threshold for x in losses[-consecutive:])
-
-
 # ------------------------------------------------------------------------------------------------
 # Model-dependent part: candidates from the base model, reward scoring, SFT
 
 SCORE_TOKENS = {"cuda": 32768, "cpu": 4096}  # padded tokens per scoring forward
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 31-bit seed from any parts, the same on every machine and run (Python's hash() is salted)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
-
-
-def end_of_turn_id(tok: Any) -> int:
-    """The token that closes an assistant turn in the tokenizer's chat family."""
-    name = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(tok.family)
-    tid = tok.token_to_id(name) if name else None
-    if tid is None:
-        if not tok.eos_ids:
-            raise ValueError("tokenizer has no end-of-turn or eos token; cannot end SFT completions")
-        return tok.eos_ids[0]
-    return tid
-
-
-def chat_ids(tok: Any, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a rendered chat; special tokens (and Llama's BOS, part of the string) parsed once."""
-    return tok.encode(tok.chat(messages, add_generation_prompt=add_generation_prompt))
-
-
-def completion_ids(tok: Any, text: str) -> list[int]:
-    """An assistant completion as the model must produce it after the generation prompt: the text,
-    then the end-of-turn token (tokenised apart from the prompt, exactly as sampling sees it)."""
-    return tok.encode(text) + [end_of_turn_id(tok)]
-
-
-def sft_ids(tok: Any, example: dict[str, list[dict[str, str]]]) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of an `sft_example`, the pair train.sft.sft takes."""
-    return chat_ids(tok, example["prompt"]), completion_ids(tok, example["completion"][0]["content"])
-
-
-def answer_span_positions(tok: Any, text: str, span: str) -> tuple[list[int], list[int]]:
-    """(token ids of `text`, indices of the tokens that overlap the LAST occurrence of `span`).
-
-    The span is located by characters and mapped to tokens with the tokenizer's offsets on the
-    tokenisation of the whole text, so it is right for any chat family: Llama-3's BOS is part of
-    the chat string and is parsed once, never added again (the reference scored one token off for
-    Llama, docs/method.md 8.3 item 8).
-    """
-    start = text.rfind(span)
-    if start < 0:
-        raise ValueError(f"answer span {span!r} not found in the scored text")
-    end = start + len(span)
-    enc = tok.tk.encode(text, add_special_tokens=False)
-    positions = [i for i, (a, b) in enumerate(enc.offsets) if b > start and a < end and b > a]
-    if not positions or positions[0] == 0:
-        raise ValueError(f"answer span {span!r} maps to no scorable token")
-    return list(enc.ids), positions
 
 
 @torch.no_grad()
@@ -337,113 +216,166 @@ class BootstrapResult:
     examples: list[tuple[list[int], list[int]]]  # (prompt ids, completion ids) for train.sft.sft
     thoughts: list[dict[str, Any]]  # per selected replica: edit, replica, thought, from_cache
     stats: dict[str, Any]
+    sft: dict[str, Any] = field(default_factory=dict)  # train.sft.sft's summary, or {"skipped": why}
 
 
-def bootstrap_data(model: Any, tok: Any, requests: Sequence[Any], cfg: Any, *, cache_dir: str | Path | None,
-                   model_id: str, seed: int, on_tokens: Callable[[int], None] | None = None) -> BootstrapResult:
-    """SFT data for every edit request (steps 1-7), sampled and scored by the BASE model (LoRA off).
+def bootstrap(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: CausalEditConfig, *,
+              cache_dir: str | Path | None, model_id: str, seed: int,
+              stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
+              on_tokens: Callable[[int], None] | None = None,
+              log_fn: Callable[..., None] | None = None) -> BootstrapResult:
+    """Stage 1 on the fresh LoRA of `model`: candidates -> filter -> score -> pick (bootstrap_data, under
+    stage("bootstrap")), then SFT of the LoRA on the picked thoughts (under stage("sft"))."""
+    # 1) SFT data from the base model (LoRA off)
+    with stage("bootstrap"):
+        result = bootstrap_data(model, tok, requests, cfg, cache_dir=cache_dir, model_id=model_id, seed=seed,
+                                on_tokens=on_tokens)
+    release(model)  # the sampler's cache and graphs: SFT needs the memory
+    # 2) SFT on them (nothing to learn from: the distillation starts from the fresh adapter)
+    with stage("sft"):
+        if result.examples:
+            result.sft = run_sft(model, result.examples, cfg, log_fn=log_fn)
+        else:
+            log.warning("%s: no bootstrapped example at all; SFT skipped, distillation starts from the fresh "
+                        "adapter", ", ".join(r.where for r in requests))
+            result.sft = {"skipped": "no examples"}
+    return result
 
-    Causal mode: cached replicas are reused; the missing ones are sampled in one generate call per
-    request (one prompt, replicas x num_samples samples: the prompt is prefilled once), thoughts are
-    extracted, filtered and scored, and the best one per replica is cached. A replica with no valid
-    candidate is sampled again up to `max_resample_rounds` times, then skipped with a warning.
-    Noncausal mode: no cache, filter or reward (docs/method.md 3.2 step 6, with the real old answer).
-    `seed` seeds noncausal sampling; causal candidates are seeded by the edit itself (model, question,
-    article, round), so one edit met in two cases draws the same candidates whichever runs first.
-    """
+
+@dataclass
+class _Sampler:
+    """Open-book candidates from the base model (LoRA off), counted into `stats`."""
+    model: Any
+    tok: Any
+    cfg: CausalEditConfig
+    stats: dict[str, Any]
+    on_tokens: Callable[[int], None] | None = None
+
+    def __call__(self, messages: list[dict], n: int, sample_seed: int, where: str) -> list[str]:
+        b = self.cfg.bootstrap
+        prompt = chat_ids(self.tok, messages)
+        budget = min(b.max_new_tokens, self.cfg.model.max_seq_len - len(prompt))
+        if budget < 1:
+            log.warning("%s: the open-book prompt has %d tokens, not below model.max_seq_len %d; no candidates",
+                        where, len(prompt), self.cfg.model.max_seq_len)
+            return []
+        with disabled(self.model):
+            comps = generate(self.model, [prompt], max_new_tokens=budget, temperature=b.temperature, top_p=b.top_p,
+                             num_samples=n, stop_ids=list(self.tok.eos_ids), seed=sample_seed)
+        n_tok = sum(len(c.tokens) for c in comps)
+        self.stats["candidates"] += len(comps)
+        self.stats["sampled_tokens"] += n_tok
+        if self.on_tokens:
+            self.on_tokens(n_tok)
+        return [self.tok.decode(c.tokens, skip_special_tokens=True) for c in comps]
+
+
+def bootstrap_data(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: CausalEditConfig, *,
+                   cache_dir: str | Path | None, model_id: str, seed: int,
+                   on_tokens: Callable[[int], None] | None = None) -> BootstrapResult:
+    """SFT data for every edit request (steps 1-7), sampled and scored by the BASE model (LoRA off):
+    causal_replicas or noncausal_replicas per request, then one SFT example per selected replica."""
     b = cfg.bootstrap
     stats = {"edits": len(requests), "replicas": 0, "selected": 0, "from_cache": 0, "skipped_replicas": 0,
              "candidates": 0, "valid_candidates": 0, "sampled_tokens": 0, "padded_thoughts": 0}
+    sample = _Sampler(model, tok, cfg, stats, on_tokens)
     examples: list[tuple[list[int], list[int]]] = []
     thoughts: list[dict[str, Any]] = []
-    stops = list(tok.eos_ids)
-
-    def sample(messages: list[dict], n: int, sample_seed: int, where: str) -> list[str]:
-        prompt = chat_ids(tok, messages)
-        budget = min(b.max_new_tokens, cfg.model.max_seq_len - len(prompt))
-        if budget < 1:
-            log.warning("%s: the open-book prompt has %d tokens, not below model.max_seq_len %d; no candidates",
-                        where, len(prompt), cfg.model.max_seq_len)
-            return []
-        with disabled(model):
-            comps = generate(model, [prompt], max_new_tokens=budget, temperature=b.temperature, top_p=b.top_p,
-                             num_samples=n, stop_ids=stops, seed=sample_seed)
-        n_tok = sum(len(c.tokens) for c in comps)
-        stats["candidates"] += len(comps)
-        stats["sampled_tokens"] += n_tok
-        if on_tokens:
-            on_tokens(n_tok)
-        return [tok.decode(c.tokens, skip_special_tokens=True) for c in comps]
-
     for e, req in enumerate(requests):
         stats["replicas"] += b.replica_times
         if cfg.editing_mode == "noncausal":
-            msgs = bootstrap_messages(req.question, old_answer=req.old_answer, new_answer=req.new_answer,
-                                      article=None, mode="noncausal")
-            extracted: list[str | None] = []
-            for rnd in range(b.noncausal_max_rounds):
-                texts = sample(msgs, max(b.num_samples, b.replica_times), derive_seed(seed, e, "noncausal", rnd),
-                               req.where)
-                extracted += [extract_thought(t) for t in texts]
-                if sum(1 for t in extracted if t) >= b.replica_times:
-                    break
-            chosen = noncausal_thoughts(extracted, b.replica_times, req.new_answer)
-            stats["padded_thoughts"] += b.replica_times - min(b.replica_times, sum(1 for t in extracted if t))
-            selected = dict(enumerate(chosen))
-            cached: set[int] = set()
+            selected, cached = noncausal_replicas(sample, req, cfg, (seed, e), stats), set()
         else:
-            selected, missing = ({}, list(range(b.replica_times))) if cache_dir is None else cached_replicas(
-                cache_dir, model_id, req.question, req.article or "", b.replica_times)
-            cached = set(selected)
-            stats["from_cache"] += len(cached)
-            msgs = bootstrap_messages(req.question, old_answer=req.old_answer, new_answer=req.new_answer,
-                                      article=req.article, mode="causal")
-
-            def scorer(ts: list[str], q=req.question, a=req.new_answer) -> list[float]:
-                with disabled(model):
-                    return score_thoughts(model, tok, q, a, ts)
-
-            for rnd in range(1 + b.max_resample_rounds):
-                if not missing:
-                    break
-                # Seeded by what the cache is keyed by, not by the case: the same edit met in another case
-                # (or on another torchrun rank, before the cache has it) draws the same candidates.
-                texts = sample(msgs, len(missing) * b.num_samples,
-                               derive_seed("causal", model_id, req.question, req.article or "", rnd), req.where)
-                if not texts:  # no room to generate: already warned, nothing to resample
-                    stats["skipped_replicas"] += len(missing)
-                    missing = []
-                    break
-                still = []
-                for k, r in enumerate(missing):
-                    chunk = texts[k * b.num_samples:(k + 1) * b.num_samples]
-                    stats["valid_candidates"] += sum(
-                        is_valid_thought(extract_thought(c), b.min_thought_words) for c in chunk)
-                    z = choose_thought(chunk, scorer, b.min_thought_words)
-                    if z is None:
-                        still.append(r)
-                        continue
-                    selected[r] = z
-                    if cache_dir is not None:
-                        cache_put(cache_dir, cache_key(model_id, req.question, r, req.article or ""), z_star=z,
-                                  new_answer=req.new_answer, old_answer=req.old_answer, question=req.question)
-                if still and rnd < b.max_resample_rounds:
-                    log.info("%s: %d replica(s) had no valid candidate; sampling them again", req.where, len(still))
-                missing = still
-            for r in missing:
-                log.warning("%s: replica %d has no valid candidate after %d sampling round(s); skipped",
-                            req.where, r, 1 + b.max_resample_rounds)
-            stats["skipped_replicas"] += len(missing)
+            selected, cached = causal_replicas(sample, model, tok, req, cfg, cache_dir, model_id, stats)
         for r in sorted(selected):
-            ex = sft_example(req.question, selected[r], req.new_answer, mode=cfg.editing_mode)
-            examples.append(sft_ids(tok, ex))
+            examples.append(sft_ids(tok, sft_example(req.question, selected[r], req.new_answer, mode=cfg.editing_mode)))
             thoughts.append({"edit": e, "case_id": req.case_id, "rewrite_idx": req.rewrite_idx, "replica": r,
                              "thought": selected[r], "from_cache": r in cached})
         stats["selected"] += len(selected)
     return BootstrapResult(examples, thoughts, stats)
 
 
-def run_sft(model: Any, examples: list[tuple[list[int], list[int]]], cfg: Any, *,
+def noncausal_replicas(sample: _Sampler, req: EditRequest, cfg: CausalEditConfig, seed: tuple[int, int],
+                       stats: dict[str, Any]) -> dict[int, str]:
+    """Noncausal mode (step 6): no cache, filter or reward; rounds of samples until enough thoughts are
+    extracted, then the first `replica_times`, padded with a plain answer line (the real old answer in the
+    cheat sheet, where the reference passed None). `seed`: (the unit's seed, the request's index)."""
+    b = cfg.bootstrap
+    msgs = bootstrap_messages(req.question, old_answer=req.old_answer, new_answer=req.new_answer, article=None,
+                              mode="noncausal")
+    extracted: list[str | None] = []
+    for rnd in range(b.noncausal_max_rounds):
+        texts = sample(msgs, max(b.num_samples, b.replica_times), derive_seed(*seed, "noncausal", rnd), req.where)
+        extracted += [extract_thought(t) for t in texts]
+        if sum(1 for t in extracted if t) >= b.replica_times:
+            break
+    stats["padded_thoughts"] += b.replica_times - min(b.replica_times, sum(1 for t in extracted if t))
+    return dict(enumerate(noncausal_thoughts(extracted, b.replica_times, req.new_answer)))
+
+
+def causal_replicas(sample: _Sampler, model: Any, tok: Any, req: EditRequest, cfg: CausalEditConfig,
+                    cache_dir: str | Path | None, model_id: str, stats: dict[str, Any]) -> tuple[dict[int, str], set[int]]:
+    """Causal mode (steps 1-5): ({replica: thought}, replicas from the cache). Cached replicas are reused;
+    the missing ones are sampled in one generate call (one prompt, replicas x num_samples samples, the
+    prompt prefilled once), extracted, filtered and scored, and the best of each replica is cached. A
+    replica with no valid candidate is sampled again up to `max_resample_rounds` times, then skipped."""
+    b = cfg.bootstrap
+    # 1) the cache
+    selected, missing = ({}, list(range(b.replica_times))) if cache_dir is None else cached_replicas(
+        cache_dir, model_id, req.question, req.article or "", b.replica_times)
+    cached = set(selected)
+    stats["from_cache"] += len(cached)
+    msgs = bootstrap_messages(req.question, old_answer=req.old_answer, new_answer=req.new_answer,
+                              article=req.article, mode="causal")
+
+    def scorer(ts: list[str]) -> list[float]:
+        with disabled(model):
+            return score_thoughts(model, tok, req.question, req.new_answer, ts)
+
+    # 2) sampling rounds for the replicas still missing
+    for rnd in range(1 + b.max_resample_rounds):
+        if not missing:
+            break
+        # Seeded by what the cache is keyed by, not by the case: the same edit met in another case (or on
+        # another torchrun rank, before the cache has it) draws the same candidates.
+        texts = sample(msgs, len(missing) * b.num_samples,
+                       derive_seed("causal", model_id, req.question, req.article or "", rnd), req.where)
+        if not texts:  # no room to generate: already warned, nothing to resample
+            stats["skipped_replicas"] += len(missing)
+            return selected, cached
+        missing = _pick_replicas(texts, missing, selected, scorer, req, cfg, cache_dir, model_id, stats)
+        if missing and rnd < b.max_resample_rounds:
+            log.info("%s: %d replica(s) had no valid candidate; sampling them again", req.where, len(missing))
+    # 3) what is still missing is skipped
+    for r in missing:
+        log.warning("%s: replica %d has no valid candidate after %d sampling round(s); skipped",
+                    req.where, r, 1 + b.max_resample_rounds)
+    stats["skipped_replicas"] += len(missing)
+    return selected, cached
+
+
+def _pick_replicas(texts: list[str], missing: list[int], selected: dict[int, str],
+                   scorer: Callable[[list[str]], Sequence[float]], req: EditRequest, cfg: CausalEditConfig,
+                   cache_dir: str | Path | None, model_id: str, stats: dict[str, Any]) -> list[int]:
+    """The best valid thought of each missing replica's chunk of `texts` into `selected` (and the cache);
+    returns the replicas that had none."""
+    b = cfg.bootstrap
+    still = []
+    for k, r in enumerate(missing):
+        chunk = texts[k * b.num_samples:(k + 1) * b.num_samples]
+        stats["valid_candidates"] += sum(is_valid_thought(extract_thought(c), b.min_thought_words) for c in chunk)
+        z = choose_thought(chunk, scorer, b.min_thought_words)
+        if z is None:
+            still.append(r)
+            continue
+        selected[r] = z
+        if cache_dir is not None:
+            cache_put(cache_dir, cache_key(model_id, req.question, r, req.article or ""), z_star=z,
+                      new_answer=req.new_answer, old_answer=req.old_answer, question=req.question)
+    return still
+
+
+def run_sft(model: Any, examples: list[tuple[list[int], list[int]]], cfg: CausalEditConfig, *,
             log_fn: Callable[..., None] | None = None) -> dict[str, Any]:
     """Step 9: SFT of the LoRA on the bootstrapped examples with the preset's values (train.sft).
     grad_accum is folded into the batch (same mean loss per optimizer step)."""

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from code_edit.bootstrap import bootstrap_data, completion_ids, chat_ids, derive_seed, run_sft
+from code_edit.bootstrap import bootstrap
+from code_edit.config import CausalEditConfig
+from code_edit.tokens import chat_ids, completion_ids, derive_seed
 from code_edit.data import EditRequest, case_has_articles
 from code_edit.internalize import internalize
 from eval.mquake import target_str
@@ -167,19 +169,11 @@ class Editor:
         add_lora(model, LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=lc.target_modules,
                                    seed=lc.init_seed))
         if cfg.student_use_sft:
-            with stages("bootstrap"):
-                data = bootstrap_data(model, self.tok, requests, cfg, cache_dir=self.cache_dir,
-                                      model_id=self.model_id, seed=derive_seed(seed, "bootstrap"),
-                                      on_tokens=self.reporter.tokens)
-            stats["bootstrap"] = data.stats
-            release(model)
-            with stages("sft"):
-                if data.examples:
-                    stats["sft"] = _summary(run_sft(model, data.examples, cfg, log_fn=_every(10, "sft")))
-                else:
-                    log.warning("%s: no bootstrapped example at all; SFT skipped, distillation starts from the "
-                                "fresh adapter", ", ".join(r.where for r in requests))
-                    stats["sft"] = {"skipped": "no examples"}
+            # 1) causal bootstrapping: open-book thoughts, then SFT of the fresh adapter on them
+            data = bootstrap(model, self.tok, requests, cfg, cache_dir=self.cache_dir, model_id=self.model_id,
+                             seed=derive_seed(seed, "bootstrap"), stage=stages, on_tokens=self.reporter.tokens,
+                             log_fn=_every(10, "sft"))
+            stats["bootstrap"], stats["sft"] = data.stats, _summary(data.sft)
         teacher = None
         if cfg.teacher_use_sft == cfg.student_use_sft:
             # S=T: the teacher is a frozen snapshot of the student adapter as stage 2 begins (docs/method.md 3.4).
@@ -187,7 +181,8 @@ class Editor:
             teacher = lambda: swapped(model, snap)  # noqa: E731
         with stages("internalize"):
             summary = internalize(model, self.tok, requests, cfg, seed=derive_seed(seed, "internalize"),
-                                  teacher=teacher, on_step=self._on_distill_step)
+                                  teacher=teacher, on_step=self._on_distill_step)  # 2) causal internalization
+        # 3) the evaluation follows in run_unit, as for every method
         stats["internalize"] = {k: v for k, v in summary.items() if k != "history"}
         release(model)
 

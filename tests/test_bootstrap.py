@@ -11,6 +11,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer as HFTok, models, pre_tokenizers
 
 import code_edit.bootstrap as B
+import code_edit.bootstrap_cache as C
+import code_edit.tokens as T
 from code_edit.config import load_hparams
 from code_edit.data import EditRequest
 from code_edit.prompts import answer_sentence, completion_text, reward_messages
@@ -68,7 +70,7 @@ def test_reward_scores_the_answer_span_both_families(tiny, llama3_tok, family):
         assert g == pytest.approx(want, rel=1e-4)
     # the scored tokens decode to exactly the last answer sentence
     text = tok.chat(reward_messages("Q?")) + completion_text(THOUGHTS[2], "Rome")
-    ids, pos = B.answer_span_positions(tok, text, answer_sentence("Rome"))
+    ids, pos = T.answer_span_positions(tok, text, answer_sentence("Rome"))
     if family == "llama3":  # the chat string carries BOS; it is parsed once, never added again
         bos = tok.token_to_id("<|begin_of_text|>")
         assert ids[0] == bos and ids.count(bos) == 1
@@ -114,7 +116,7 @@ def test_cache_hit_skips_generation_and_miss_fills_cache(tiny, tmp_path, monkeyp
     monkeypatch.setattr(B, "generate", fake_generate(tok, [VALID], calls))
     r = req()
     # Replica 1 already cached: only replica 0 is generated, in ONE call of 1 x num_samples samples.
-    B.cache_put(tmp_path, B.cache_key("tiny-random", r.question, 1, r.article), z_star="cached thought one two three",
+    C.cache_put(tmp_path, C.cache_key("tiny-random", r.question, 1, r.article), z_star="cached thought one two three",
                 new_answer="Globex", old_answer="Initech", question=r.question)
     res = B.bootstrap_data(model, tok, [r], cfg, cache_dir=tmp_path, model_id="tiny-random", seed=1)
     assert len(calls) == 1 and calls[0]["num_samples"] == cfg.bootstrap.num_samples
@@ -189,5 +191,5 @@ def test_noncausal_no_filter_no_reward_and_padding(tiny, monkeypatch):
 
 
 def test_derive_seed_is_stable():
-    assert B.derive_seed("unit", "case-3") == B.derive_seed("unit", "case-3") != B.derive_seed("unit", "case-4")
-    assert 0 <= B.derive_seed(1, 2, "x") < 2**31
+    assert T.derive_seed("unit", "case-3") == T.derive_seed("unit", "case-3") != T.derive_seed("unit", "case-4")
+    assert 0 <= T.derive_seed(1, 2, "x") < 2**31

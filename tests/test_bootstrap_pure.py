@@ -7,6 +7,8 @@ import multiprocessing as mp
 import pytest
 
 from code_edit import bootstrap as B
+from code_edit import bootstrap_cache as C
+from code_edit import tokens as T
 from code_edit.prompts import closed_book_user_content
 
 GOOD = "Old fact: The Beatles performed it. Reason for change: rights moved. Updated fact: Madonna. Derivation: so Madonna."
@@ -101,45 +103,45 @@ def test_noncausal_thoughts_pad():
 
 def test_cache_key_format_and_stability():
     art = "<h1>Madonna</h1><p>now.</p>"
-    key = B.cache_key("Qwen/Qwen2.5-7B-Instruct", "Who performed Hey Jude?", 3, art)
+    key = C.cache_key("Qwen/Qwen2.5-7B-Instruct", "Who performed Hey Jude?", 3, art)
     expected_hash = hashlib.shake_128(art.encode("utf-8")).hexdigest(10)
     assert len(expected_hash) == 20
     assert key == f"qwen/qwen2.5-7b-instruct|who performed hey jude?_3|{expected_hash}"
     # pinned literal: a change of the key scheme would orphan every user's cache
-    assert B.cache_key("M", "Q", 0, "A") == "m|q_0|a5ba3aeee1525b4ae543"
-    assert B.cache_key("M", "Q", 0, "A") != B.cache_key("M", "Q", 1, "A") != B.cache_key("M", "Q", 0, "B")
+    assert C.cache_key("M", "Q", 0, "A") == "m|q_0|a5ba3aeee1525b4ae543"
+    assert C.cache_key("M", "Q", 0, "A") != C.cache_key("M", "Q", 1, "A") != C.cache_key("M", "Q", 0, "B")
 
 
 def test_cache_miss_put_hit(tmp_path):
     d = tmp_path / "cache"
-    key = B.cache_key("m", "Who?", 0, "art")
-    assert B.cache_get(d, key) is None
-    B.cache_put(d, key, z_star="thought zero", new_answer="New", old_answer="Old", question="Who?")
-    entry = B.cache_get(d, key)
+    key = C.cache_key("m", "Who?", 0, "art")
+    assert C.cache_get(d, key) is None
+    C.cache_put(d, key, z_star="thought zero", new_answer="New", old_answer="Old", question="Who?")
+    entry = C.cache_get(d, key)
     assert entry == {"key": key, "z_star": "thought zero", "new_answer": "New", "old_answer": "Old", "question": "Who?"}
-    assert B.cache_get(d, B.cache_key("m", "Who?", 0, "other article")) is None
-    B.cache_put(d, B.cache_key("m", "Who?", 2, "art"), z_star="t2", new_answer="N", old_answer="O", question="Who?")
-    found, missing = B.cached_replicas(d, "M", "WHO?", "art", 4)  # model and question are case-blind
+    assert C.cache_get(d, C.cache_key("m", "Who?", 0, "other article")) is None
+    C.cache_put(d, C.cache_key("m", "Who?", 2, "art"), z_star="t2", new_answer="N", old_answer="O", question="Who?")
+    found, missing = C.cached_replicas(d, "M", "WHO?", "art", 4)  # model and question are case-blind
     assert found == {0: "thought zero", 2: "t2"} and missing == [1, 3]
     assert [p.name for p in d.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_cache_damaged_entry_is_a_miss(tmp_path, caplog):
-    key = B.cache_key("m", "q", 0, "a")
-    path = B.cache_put(tmp_path, key, z_star="z", new_answer="n", old_answer="o", question="q")
+    key = C.cache_key("m", "q", 0, "a")
+    path = C.cache_put(tmp_path, key, z_star="z", new_answer="n", old_answer="o", question="q")
     path.write_text('{"key": "m|q_0|', encoding="utf-8")
-    assert B.cache_get(tmp_path, key) is None
+    assert C.cache_get(tmp_path, key) is None
     assert "unreadable" in caplog.text
     path.write_text(json.dumps({"key": "something else", "z_star": "z"}))
-    assert B.cache_get(tmp_path, key) is None
-    B.cache_put(tmp_path, key, z_star="fresh", new_answer="n", old_answer="o", question="q")
-    assert B.cache_get(tmp_path, key)["z_star"] == "fresh"
+    assert C.cache_get(tmp_path, key) is None
+    C.cache_put(tmp_path, key, z_star="fresh", new_answer="n", old_answer="o", question="q")
+    assert C.cache_get(tmp_path, key)["z_star"] == "fresh"
 
 
 def _writer(args):
     d, tag, n = args
     for i in range(n):
-        B.cache_put(d, B.cache_key("m", "q", i % 3, "a"), z_star=f"{tag}{i};" * 300,
+        C.cache_put(d, C.cache_key("m", "q", i % 3, "a"), z_star=f"{tag}{i};" * 300,
                     new_answer="n", old_answer="o", question="q")
 
 
@@ -148,7 +150,7 @@ def test_cache_concurrent_writers_never_leave_a_torn_entry(tmp_path):
     procs = [ctx.Process(target=_writer, args=((tmp_path, t, 60),)) for t in ("a", "b")]
     for p in procs:
         p.start()
-    paths = [B._entry_path(tmp_path, B.cache_key("m", "q", r, "a")) for r in range(3)]
+    paths = [C._entry_path(tmp_path, C.cache_key("m", "q", r, "a")) for r in range(3)]
     reads = 0
     while any(p.is_alive() for p in procs):
         for path in paths:
@@ -164,7 +166,7 @@ def test_cache_concurrent_writers_never_leave_a_torn_entry(tmp_path):
         p.join()
         assert p.exitcode == 0
     assert reads > 0  # the readers really overlapped the writers
-    final = [B.cache_get(tmp_path, B.cache_key("m", "q", r, "a")) for r in range(3)]
+    final = [C.cache_get(tmp_path, C.cache_key("m", "q", r, "a")) for r in range(3)]
     assert all(e is not None and e["z_star"][0] in "ab" for e in final)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     assert len(list(tmp_path.glob("*.json"))) == 3
@@ -181,19 +183,3 @@ def test_sft_example(mode):
                                  "content": "<think>\nmy thought\n</think>\nThe answer now is Madonna."}]
     native = B.sft_example("Who?", "t", "M", mode=mode, native_thinking=True)
     assert native["completion"][0]["content"] == "t\n</think>\nThe answer now is M."
-
-
-def test_sft_schedule_matches_hf_trainer_arithmetic():
-    assert B.sft_schedule(25, batch_size=12, grad_accum=1, epochs=125, warmup_ratio=0.1) == (375, 38)
-    assert B.sft_schedule(24, batch_size=12, grad_accum=1, epochs=2, warmup_ratio=0.1) == (4, 1)
-    assert B.sft_schedule(2, batch_size=2, grad_accum=1, epochs=2, warmup_ratio=0.1) == (2, 1)
-    assert B.sft_schedule(5, batch_size=1, grad_accum=2, epochs=1, warmup_ratio=0.0) == (2, 0)
-    with pytest.raises(ValueError):
-        B.sft_schedule(0, batch_size=12, grad_accum=1, epochs=1, warmup_ratio=0.1)
-
-
-def test_early_stop():
-    assert not B.should_stop([0.3], 0.35, 2)
-    assert not B.should_stop([0.9, 0.3, 0.5, 0.3], 0.35, 2)
-    assert B.should_stop([0.9, 0.3, 0.34], 0.35, 2)
-    assert not B.should_stop([0.3, 0.35], 0.35, 2)  # strictly below

@@ -65,7 +65,7 @@ def test_failure_mid_edit_still_removes_the_adapter(tiny, tmp_path, monkeypatch)
     import code_edit.editor as E
 
     monkeypatch.setattr(E, "internalize", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    monkeypatch.setattr(E, "bootstrap_data", lambda *a, **k: SimpleNamespace(examples=[], stats={}))
+    monkeypatch.setattr(E, "bootstrap", lambda *a, **k: SimpleNamespace(examples=[], stats={}, sft={}))
     ed = Editor(model, tok, cfg, "CausalEdit", model_id="m", answer_fn=fake_answers)
     c = dataset()[1]
     with pytest.raises(RuntimeError, match="boom"):

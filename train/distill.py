@@ -20,6 +20,7 @@ from model.generate import Completion, generate
 from model.lora import disabled
 from train import TrainingDiverged
 from train.schedules import lr_factor
+from train.sft import pack
 from train.losses import DIRECTIONS, distill_loss, token_logprobs
 
 
@@ -130,17 +131,11 @@ class _Rows:
     sampler_logprobs: torch.Tensor  # the sampler's log-probs of the targets (raw, T=1)
 
 
-def _pack(seqs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (pad 0; padding sits after the real tokens, so the causal mask hides it) and
-    the flat positions predicting each completion token."""
-    T = max(len(p) + len(c) - 1 for p, c in seqs)
-    ids = torch.zeros((len(seqs), T), dtype=torch.long)
-    pos = []
-    for b, (p, c) in enumerate(seqs):
-        s = (p + c)[:-1]
-        ids[b, : len(s)] = torch.tensor(s)
-        pos.append(torch.arange(len(p) - 1, len(p) - 1 + len(c)) + b * T)
-    return ids.to(device), torch.cat(pos).to(device)
+def _pack_on(seqs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """train.sft.pack's right-padded ids (padding after the real tokens, hidden by the causal mask) and flat
+    positions predicting each completion token, on `device`."""
+    b = pack(seqs)
+    return b.ids.to(device), b.rows.to(device)
 
 
 class Distiller:
@@ -200,9 +195,9 @@ class Distiller:
         for m0 in range(0, len(order), size):
             rows = order[m0:m0 + size]
             comps = [rollouts[r].tokens for r in rows]
-            s_ids, s_pos = _pack([(prompts[rollouts[r].prompt_index].student_ids, c) for r, c in zip(rows, comps)],
+            s_ids, s_pos = _pack_on([(prompts[rollouts[r].prompt_index].student_ids, c) for r, c in zip(rows, comps)],
                                  self.device)
-            t_ids, t_pos = _pack([(prompts[rollouts[r].prompt_index].teacher_ids, c) for r, c in zip(rows, comps)],
+            t_ids, t_pos = _pack_on([(prompts[rollouts[r].prompt_index].teacher_ids, c) for r, c in zip(rows, comps)],
                                  self.device)
             targets = torch.tensor([t for c in comps for t in c], device=self.device)
             row_of = torch.tensor([r for r, c in zip(rows, comps) for _ in c], device=self.device)
