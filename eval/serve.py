@@ -153,144 +153,196 @@ def _number(body: dict, key: str, default: Any, lo: float, hi: float, *, integer
     return v
 
 
-class _Busy(RuntimeError):
-    pass
+@dataclass
+class _Request:
+    """A checked chat request: prompt ids and how to decode them."""
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    choices: list[str] | None
 
 
-def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127.0.0.1", port: int = 0,
-                max_new_tokens: int = 1024, temperature: float = 0.0, max_tokens_cap: int = 4096,
-                max_body_bytes: int = 4 * 1024 * 1024, max_queue: int = 256,
-                slice_tokens: int = 256) -> ThreadingHTTPServer:
-    """A ready-to-run server (call serve_forever). Requests without `temperature` decode with
-    `temperature` (default greedy: a judge should be deterministic); without max_tokens, up to
-    `max_new_tokens` (less if the context would overflow). Only n=1 and stream=false are supported.
-    Refused with 400: a bad sampling value, max_tokens above `max_tokens_cap`, a prompt that with its
-    max_tokens exceeds the model's context; with 413 a body over `max_body_bytes`; with 503 a request when
-    `max_queue` are already waiting or running. Greedy requests are served in slices of `slice_tokens`."""
-    lock = threading.Lock()
-    greedy = _GreedyBatcher(model, lock, list(tokenizer.eos_ids), slice_tokens=slice_tokens)
-    prefix = PrefixKV()  # guided races run one at a time (under `lock`), each after the previous one's prompt
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    slots = threading.BoundedSemaphore(max_queue)
+@dataclass
+class Limits:
+    """What a request may ask (make_server's arguments; `python -m eval serve` flags)."""
+    max_new_tokens: int = 1024  # max_tokens of a request that sets none (less if the context would overflow)
+    temperature: float = 0.0  # of a request that sets none: greedy, a judge should be deterministic
+    max_tokens_cap: int = 4096
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 256
+    slice_tokens: int = 256
 
-    def complete(body: dict) -> dict:
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _BadRequest(f"messages[{i}] must be {{'role': str, 'content': str}}")
+    return messages
+
+
+def _choices(body: dict, temperature: float) -> list[str] | None:
+    choices = body.get("guided_choice")
+    if choices is None:
+        return None
+    if (not isinstance(choices, list) or not choices or len(choices) > 64
+            or not all(isinstance(c, str) and c for c in choices) or len(set(choices)) < len(choices)):
+        raise _BadRequest("'guided_choice' must be a list of 1 to 64 distinct non-empty strings")
+    if temperature != 0.0:
+        raise _BadRequest("'guided_choice' is supported at temperature 0 only")
+    return choices
+
+
+def parse_request(body: dict, tokenizer: Any, context: int, limits: Limits) -> _Request:
+    """A chat request checked field by field (400 on anything bad), its prompt tokenised and its length
+    checked against the model's context."""
+    # 1) the fields
+    messages = _messages(body)
+    if body.get("stream"):
+        raise _BadRequest("stream=true is not supported")
+    if _number(body, "n", 1, 1, 1, integer=True) != 1:
+        raise _BadRequest("only n=1 is supported")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+        raise _BadRequest("'stop' must be a string or a list of strings")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    asked = _number(body, key, None, 1, limits.max_tokens_cap, integer=True)
+    temp = float(_number(body, "temperature", limits.temperature, 0.0, 2.0))
+    top_p = float(_number(body, "top_p", 1.0, 1e-9, 1.0))
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _BadRequest(f"'seed' must be an integer, got {seed!r}")
+    choices = _choices(body, temp)
+    # 2) the prompt against the context
+    ids = tokenizer.encode(tokenizer.chat(messages, add_generation_prompt=True))
+    room = context - len(ids) if context else limits.max_tokens_cap
+    if room < 1:
+        raise _BadRequest(f"the prompt has {len(ids)} tokens; the model's context is {context}")
+    if asked is not None and asked > room:
+        raise _BadRequest(f"the prompt has {len(ids)} tokens and {key} is {asked}: {len(ids) + asked} tokens "
+                          f"exceed the model's context of {context}")
+    max_tokens = asked if asked is not None else min(limits.max_new_tokens, room)
+    return _Request(ids, int(max_tokens), temp, top_p, seed, stop, choices)
+
+
+class _Service:
+    """The model behind the server: one lock for the model, the greedy batcher, the guided-choice prefix
+    cache (races run one at a time, under the lock, each after the previous one's prompt)."""
+
+    def __init__(self, model: Any, tokenizer: Any, model_name: str, limits: Limits):
+        self.model, self.tokenizer, self.model_name, self.limits = model, tokenizer, model_name, limits
+        self.lock = threading.Lock()
+        self.greedy = _GreedyBatcher(model, self.lock, list(tokenizer.eos_ids), slice_tokens=limits.slice_tokens)
+        self.prefix = PrefixKV()
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.slots = threading.BoundedSemaphore(limits.max_queue)
+
+    def complete(self, body: dict) -> dict:
         from model import generate  # lazy: importing eval must not need the model stack
 
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _BadRequest("'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise _BadRequest(f"messages[{i}] must be {{'role': str, 'content': str}}")
-        if body.get("stream"):
-            raise _BadRequest("stream=true is not supported")
-        if _number(body, "n", 1, 1, 1, integer=True) != 1:
-            raise _BadRequest("only n=1 is supported")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise _BadRequest("'stop' must be a string or a list of strings")
-        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        asked = _number(body, key, None, 1, max_tokens_cap, integer=True)
-        temp = float(_number(body, "temperature", temperature, 0.0, 2.0))
-        top_p = float(_number(body, "top_p", 1.0, 1e-9, 1.0))
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise _BadRequest(f"'seed' must be an integer, got {seed!r}")
-        ids = tokenizer.encode(tokenizer.chat(messages, add_generation_prompt=True))
-        room = context - len(ids) if context else max_tokens_cap
-        if room < 1:
-            raise _BadRequest(f"the prompt has {len(ids)} tokens; the model's context is {context}")
-        if asked is not None and asked > room:
-            raise _BadRequest(f"the prompt has {len(ids)} tokens and {key} is {asked}: {len(ids) + asked} tokens "
-                              f"exceed the model's context of {context}")
-        max_tokens = asked if asked is not None else min(max_new_tokens, room)
-        choices = body.get("guided_choice")
-        if choices is not None:
-            if (not isinstance(choices, list) or not choices or len(choices) > 64
-                    or not all(isinstance(c, str) and c for c in choices) or len(set(choices)) < len(choices)):
-                raise _BadRequest("'guided_choice' must be a list of 1 to 64 distinct non-empty strings")
-            if temp != 0.0:
-                raise _BadRequest("'guided_choice' is supported at temperature 0 only")
-            encoded = [tokenizer.encode(c) for c in choices]
+        tok = self.tokenizer
+        req = parse_request(body, tok, self.context, self.limits)
+        if req.choices is not None:
+            encoded = [tok.encode(c) for c in req.choices]
             if len({tuple(e) for e in encoded}) < len(encoded):
                 raise _BadRequest("two 'guided_choice' strings encode to the same tokens")
-            with lock:
-                k = guided_choice(model, ids, encoded, tokenizer.eos_ids[0] if tokenizer.eos_ids else 0, prefix)
-            return response(choices[k], "stop", len(ids), len(encoded[k]))
-        if temp == 0.0:
-            c = greedy(ids, int(max_tokens))
+            with self.lock:
+                k = guided_choice(self.model, req.ids, encoded, tok.eos_ids[0] if tok.eos_ids else 0, self.prefix)
+            return self.response(req.choices[k], "stop", len(req.ids), len(encoded[k]))
+        if req.temperature == 0.0:
+            c = self.greedy(req.ids, req.max_tokens)
         else:
-            with lock:
-                (c,) = generate(model, [ids], max_new_tokens=int(max_tokens), temperature=temp, top_p=top_p,
-                                num_samples=1, stop_ids=list(tokenizer.eos_ids), seed=seed)
-        text = tokenizer.decode(c.tokens, skip_special_tokens=True)
-        finish = c.finish_reason
-        cut = [text.find(s) for s in stop if s and s in text]
+            with self.lock:
+                (c,) = generate(self.model, [req.ids], max_new_tokens=req.max_tokens, temperature=req.temperature,
+                                top_p=req.top_p, num_samples=1, stop_ids=list(tok.eos_ids), seed=req.seed)
+        text, finish = tok.decode(c.tokens, skip_special_tokens=True), c.finish_reason
+        cut = [text.find(s) for s in req.stop if s and s in text]
         if cut:
             text, finish = text[:min(cut)], "stop"
-        return response(text, finish, len(ids), len(c.tokens))
+        return self.response(text, finish, len(req.ids), len(c.tokens))
 
-    def response(text: str, finish: str, n_in: int, n_out: int) -> dict:
+    def response(self, text: str, finish: str, n_in: int, n_out: int) -> dict:
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name,
+                "model": self.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                 "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
 
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.info("%s " + fmt, self.address_string(), *args)
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    service: _Service  # set on the subclass make_server builds
 
-        def _send(self, status: int, obj: dict) -> None:
-            data = json.dumps(obj).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.info("%s " + fmt, self.address_string(), *args)
 
-        def _error(self, status: int, message: str, kind: str) -> None:
-            self._send(status, {"error": {"message": message, "type": kind}})
+    def _send(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        def do_GET(self) -> None:
-            if self.path.rstrip("/") in ("/v1/models", "/models"):
-                self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "local"}]})
-            else:
-                self._error(404, f"no route {self.path}", "not_found")
+    def _error(self, status: int, message: str, kind: str) -> None:
+        self._send(status, {"error": {"message": message, "type": kind}})
 
-        def do_POST(self) -> None:
-            try:
-                n = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                n = -1
-            if not 0 <= n <= max_body_bytes:
-                self.close_connection = True  # the body is not read
-                return self._error(413, f"the request body must have a Content-Length of at most {max_body_bytes} "
-                                        f"bytes, got {self.headers.get('Content-Length')}", "invalid_request_error")
-            raw = self.rfile.read(n)
-            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-                return self._error(404, f"no route {self.path}; use /v1/chat/completions", "not_found")
-            if not slots.acquire(blocking=False):
-                return self._error(503, f"the server is busy ({max_queue} requests waiting or running); retry later",
-                                   "server_busy")
-            try:
-                body = json.loads(raw)
-                if not isinstance(body, dict):
-                    raise _BadRequest("the request body must be a JSON object")
-                self._send(200, complete(body))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self._error(400, "the request body is not valid JSON", "invalid_request_error")
-            except (_BadRequest, TypeError, ValueError) as e:
-                self._error(400, str(e), "invalid_request_error")
-            except Exception as e:  # the model failed: say so, keep serving
-                log.exception("generation failed")
-                self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
-            finally:
-                slots.release()
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            self._send(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model",
+                                                          "owned_by": "local"}]})
+        else:
+            self._error(404, f"no route {self.path}", "not_found")
 
-    return _Server((host, port), Handler)
+    def do_POST(self) -> None:
+        # 1) the body, within its size limit (a larger one is not read)
+        limits = self.service.limits
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= limits.max_body_bytes:
+            self.close_connection = True
+            return self._error(413, f"the request body must have a Content-Length of at most {limits.max_body_bytes} "
+                                    f"bytes, got {self.headers.get('Content-Length')}", "invalid_request_error")
+        raw = self.rfile.read(n)
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            return self._error(404, f"no route {self.path}; use /v1/chat/completions", "not_found")
+        # 2) a slot in the bounded queue
+        if not self.service.slots.acquire(blocking=False):
+            return self._error(503, f"the server is busy ({limits.max_queue} requests waiting or running); retry "
+                                    "later", "server_busy")
+        # 3) the completion
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise _BadRequest("the request body must be a JSON object")
+            self._send(200, self.service.complete(body))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._error(400, "the request body is not valid JSON", "invalid_request_error")
+        except (_BadRequest, TypeError, ValueError) as e:
+            self._error(400, str(e), "invalid_request_error")
+        except Exception as e:  # the model failed: say so, keep serving
+            log.exception("generation failed")
+            self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+        finally:
+            self.service.slots.release()
+
+
+def make_server(model: Any, tokenizer: Any, *, model_name: str, host: str = "127.0.0.1", port: int = 0,
+                **limits: Any) -> ThreadingHTTPServer:
+    """A ready-to-run server (call serve_forever); `limits` are Limits' fields. Only n=1 and stream=false
+    are supported. Refused with 400: a bad sampling value, max_tokens above max_tokens_cap, a prompt that
+    with its max_tokens exceeds the model's context; with 413 a body over max_body_bytes; with 503 a request
+    when max_queue are already waiting or running. Greedy requests are served in slices of slice_tokens."""
+    service = _Service(model, tokenizer, model_name, Limits(**limits))
+    handler = type("Handler", (_Handler,), {"service": service})
+    return _Server((host, port), handler)
 
 
 class _Server(ThreadingHTTPServer):

@@ -176,38 +176,28 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     the batch size, and the most learned tokens of any planned batch; padding adds nothing to the loss.
     `fixed_shapes` (default: exactly when graphs are used) runs that padding without a graph, to check it.
     """
+    # 1) the data, the schedule and the batch plan
     device = model.lm_head.weight.device
     _check(examples, params, cfg, model.config.vocab_size)
     rows = [truncate_example(p, c, cfg.max_length) for p, c in examples]
     truncated = sum(len(p) + len(c) > cfg.max_length for p, c in examples)
     total, warmup = sft_plan(len(rows), cfg.batch_size, cfg.epochs, cfg.warmup_ratio)
-
     if device.type == "cuda":  # the sampler's kept KV cache (candidate generation) can be tens of GiB
         from model.generate import release
         release(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    plan = []  # (epoch, rows of the batch) for every planned step; drawn up front, same order as epoch by epoch
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        plan += [(epoch, [rows[i] for i in order[b0:b0 + cfg.batch_size]]) for b0 in range(0, len(order), cfg.batch_size)]
+                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    plan = _batch_plan(rows, cfg)
     graphs = use_cuda_graphs(device, cfg)
-    shape = None
-    if graphs if fixed_shapes is None else fixed_shapes:
-        T = max(len(p) + len(c) - 1 for p, c in rows)
-        shape = (min(cfg.batch_size, len(rows)), T + (-T) % 8, max(sum(len(c) for _, c in b) for _, b in plan))
-    W = model.lm_head.weight
-    losses: list[float] = []
-    below = 0
-    stopped = False
+    shape = _fixed_shape(rows, plan, cfg) if (graphs if fixed_shapes is None else fixed_shapes) else None
+    # 2) the model in training mode
     t0 = time.perf_counter()
     ckpt_before = model.gradient_checkpointing
     model.gradient_checkpointing = cfg.grad_checkpointing
     if device.type == "cuda":  # small models are launch-bound in eager mode (BENCHMARKS "SmolLM2")
         model.compile_blocks()
     model.train()
+    W = model.lm_head.weight
 
     def step_fn(ids, pos, targets, weight):
         """Forward, backward and clipping of one batch; no host sync, so it can be captured."""
@@ -216,59 +206,94 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
         loss.backward()
         return loss.detach(), torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=device.type == "cuda")
 
-    def finish(pending: tuple) -> bool:
-        """Record a finished step; whether it stops the run."""
-        nonlocal below
-        step, epoch, lr, n_tokens, stats = pending
-        value, gnorm = stats.read()
-        if not (math.isfinite(value) and math.isfinite(gnorm)):
-            raise TrainingDiverged(f"SFT step {step}: loss {value}, gradient norm {gnorm} (learning rate {lr:g}); "
-                                   "the training diverged: lower the learning rate")
-        losses.append(value)
-        if log is not None:
-            log({"step": step, "epoch": epoch, "loss": value, "lr": lr, "grad_norm": gnorm, "tokens": n_tokens})
-        below = below + 1 if cfg.stop_loss is not None and value < cfg.stop_loss else 0
-        return cfg.stop_loss is not None and below >= cfg.stop_consecutive
-
-    # Step k's loss is read after step k+1's forward and backward are queued, so the host never waits
-    # for an idle GPU (a 135M model's step is launch-bound). If step k stops the run, step k+1's
-    # gradients are dropped before its optimizer step: parameters, losses and logs are those of the
-    # plain loop, and step k+1's dropout draws come from the forked RNG, restored below.
-    # Dropout masks come from the global RNG: fork it so a seed gives one run, and the caller's state stays.
+    # 3) the steps. Dropout masks come from the global RNG: fork it so a seed gives one run and the
+    #    caller's state stays.
+    record = _Recorder(cfg, log)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         run, graphed = step_fn, False
         try:
             if graphs:
-                try:
-                    run, graphed = GraphedStep(step_fn, pack(plan[0][1], shape).to(device), params=params), True
-                except Exception as e:  # a kernel that cannot be captured: the same steps, launched one by one
-                    log_.warning("sft: CUDA graph capture failed (%s: %s); running uncaptured", type(e).__name__, e)
-                    for p in params:
-                        p.grad = None
-            pending = None
-            for step, (epoch, batch) in enumerate(plan):
-                b = pack(batch, shape)
-                loss, gnorm = run(*b.to(device))
-                if pending is not None and finish(pending):
-                    opt.zero_grad(set_to_none=True)
-                    stopped, pending = True, None
-                    break
-                lr = cfg.lr * lr_factor(cfg.lr_scheduler, step, total, warmup)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                stats = _StepStats(loss, gnorm)
-                opt.step()
-                if not graphed:  # a graph's gradients are static buffers that each replay overwrites
-                    opt.zero_grad(set_to_none=True)
-                pending = (step + 1, epoch, lr, b.tokens, stats)
-            if pending is not None:
-                stopped = finish(pending)
+                run, graphed = _capture(step_fn, pack(plan[0][1], shape).to(device), params)
+            stopped = _run_steps(run, graphed, plan, shape, device, opt, cfg, total, warmup, record)
         finally:
             model.gradient_checkpointing = ckpt_before
             model.eval()
             for p in params:  # frees a graph's gradient buffers with the graph
                 p.grad = None
             del run
-    return {"steps": len(losses), "final_loss": losses[-1], "stopped_early": stopped, "losses": losses,
-            "total_steps": total, "truncated": truncated, "seconds": time.perf_counter() - t0, "cuda_graph": graphed}
+    return {"steps": len(record.losses), "final_loss": record.losses[-1], "stopped_early": stopped,
+            "losses": record.losses, "total_steps": total, "truncated": truncated,
+            "seconds": time.perf_counter() - t0, "cuda_graph": graphed}
+
+
+def _batch_plan(rows: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> list[tuple[int, list]]:
+    """(epoch, rows of the batch) for every planned step: a seeded shuffle per epoch, drawn up front."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    plan = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        plan += [(epoch, [rows[i] for i in order[b0:b0 + cfg.batch_size]]) for b0 in range(0, len(order), cfg.batch_size)]
+    return plan
+
+
+def _fixed_shape(rows: list, plan: list, cfg: SFTConfig) -> tuple[int, int, int]:
+    """(rows, positions rounded up to 8, learned tokens) that every planned batch fits."""
+    T = max(len(p) + len(c) - 1 for p, c in rows)
+    return min(cfg.batch_size, len(rows)), T + (-T) % 8, max(sum(len(c) for _, c in b) for _, b in plan)
+
+
+def _capture(step_fn: Callable, example: tuple, params: list[nn.Parameter]) -> tuple[Callable, bool]:
+    """The step as a CUDA graph, or the plain step when a kernel cannot be captured."""
+    try:
+        return GraphedStep(step_fn, example, params=params), True
+    except Exception as e:  # the same steps, launched one by one
+        log_.warning("sft: CUDA graph capture failed (%s: %s); running uncaptured", type(e).__name__, e)
+        for p in params:
+            p.grad = None
+        return step_fn, False
+
+
+class _Recorder:
+    """Finished steps: their losses and log lines, the early stop, and the divergence check."""
+
+    def __init__(self, cfg: SFTConfig, log: Callable[[dict], None] | None):
+        self.cfg, self.log, self.losses, self.below = cfg, log, [], 0
+
+    def __call__(self, pending: tuple) -> bool:
+        """Record one step; whether it stops the run."""
+        step, epoch, lr, n_tokens, stats = pending
+        value, gnorm = stats.read()
+        if not (math.isfinite(value) and math.isfinite(gnorm)):
+            raise TrainingDiverged(f"SFT step {step}: loss {value}, gradient norm {gnorm} (learning rate {lr:g}); "
+                                   "the training diverged: lower the learning rate")
+        self.losses.append(value)
+        if self.log is not None:
+            self.log({"step": step, "epoch": epoch, "loss": value, "lr": lr, "grad_norm": gnorm, "tokens": n_tokens})
+        stop = self.cfg.stop_loss
+        self.below = self.below + 1 if stop is not None and value < stop else 0
+        return stop is not None and self.below >= self.cfg.stop_consecutive
+
+
+def _run_steps(run: Callable, graphed: bool, plan: list, shape: tuple | None, device: torch.device,
+               opt: torch.optim.Optimizer, cfg: SFTConfig, total: int, warmup: int, record: _Recorder) -> bool:
+    """Every planned step; whether the early stop ended them. Step k's loss is read after step k+1's forward
+    and backward are queued, so the host never waits for an idle GPU (a 135M model's step is launch-bound).
+    If step k stops the run, step k+1's gradients are dropped before its optimizer step: parameters, losses
+    and logs are those of the plain loop."""
+    pending = None
+    for step, (epoch, batch) in enumerate(plan):
+        b = pack(batch, shape)
+        loss, gnorm = run(*b.to(device))
+        if pending is not None and record(pending):
+            opt.zero_grad(set_to_none=True)
+            return True
+        lr = cfg.lr * lr_factor(cfg.lr_scheduler, step, total, warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        stats = _StepStats(loss, gnorm)
+        opt.step()
+        if not graphed:  # a graph's gradients are static buffers that each replay overwrites
+            opt.zero_grad(set_to_none=True)
+        pending = (step + 1, epoch, lr, b.tokens, stats)
+    return record(pending) if pending is not None else False
