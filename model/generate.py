@@ -337,99 +337,140 @@ def _prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, row_p
     return torch.cat(last).index_select(0, row_prompt)
 
 
-def _run_batch(model, prompts, rows, max_new, params, stops, gen, shared=False) -> list[Completion]:
-    device = model.lm_head.weight.device
-    cfg = model.config
-    dtype = model.lm_head.weight.dtype
+@dataclass
+class _Layout:
+    """Where a batch's rows live in the KV cache: prompts left-padded to P; S own slots per row (the prompt
+    and the new tokens, or only the new tokens beside a shared prefix of L slots); the first new token's
+    own slot."""
+    uniq: list[int]  # distinct prompt indices, longest first
+    lens: Tensor  # each row's prompt length
+    row_prompt: Tensor  # each row's index into uniq
+    P: int
+    S: int
+    L: int
+    first: int
+
+
+def _layout(prompts: list[list[int]], rows: list[tuple[int, int]], max_new: int, shared: bool,
+            device: torch.device) -> _Layout:
     uniq = sorted({i for i, _ in rows}, key=lambda i: -len(prompts[i]))
     slot = {i: j for j, i in enumerate(uniq)}
     lens = torch.tensor([len(prompts[i]) for i, _ in rows], device=device)
     row_prompt = torch.tensor([slot[i] for i, _ in rows], device=device)
     P = int(max(len(prompts[i]) for i in uniq))
     cuda = device.type == "cuda"
-    B0 = len(rows)
-    # Own cache slots per row: the prompt and the new tokens, or only the new tokens beside a shared
-    # prefix. On CUDA lengths are rounded up so calls with similar prompts reuse the captured graphs.
+    # On CUDA lengths are rounded up so calls with similar prompts reuse the captured graphs.
     if shared:
         P = 64 * math.ceil(P / 64) if cuda else P
         S = 64 * math.ceil(max_new / 64) if cuda else max_new
-        L, first = len(uniq) * P, 0  # prefix slots; own slot of the first new token
+        return _Layout(uniq, lens, row_prompt, P, S, len(uniq) * P, 0)
+    S = 64 * math.ceil((P + max_new) / 64) if cuda else P + max_new
+    return _Layout(uniq, lens, row_prompt, P, S, 0, P)
+
+
+@dataclass
+class _DecodeState:
+    """Per-row decode state, all on the device. Row B0 of the output buffers absorbs the writes of filler
+    rows (the ones that pad a compacted batch to a captured size)."""
+    valid: Tensor  # the attention mask over [prefix slots | own slots]
+    seen: Tensor | None  # tokens each row has seen (repetition penalty only)
+    out_tok: Tensor
+    out_lp: Tensor
+    n_gen: Tensor
+    row_id: Tensor  # output row of each batch slot
+    done: Tensor
+    pos: Tensor
+    tok: Tensor | None  # the token fed to the next decode step (step 0 reads the prefill's logits)
+    B: int  # live batch size
+
+
+def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, max_new: int,
+           params: SamplingParams, vocab: int, device: torch.device, shared: bool) -> _DecodeState:
+    """The state before the first new token: a row sees its own prompt's real tokens."""
+    B0 = len(rows)
+    valid = torch.zeros(B0, lay.L + lay.S, dtype=torch.bool, device=device)
+    if shared:
+        j = torch.arange(lay.L, device=device)[None]
+        rp = lay.row_prompt[:, None]
+        valid[:, :lay.L] = (j >= rp * lay.P + lay.P - lay.lens[:, None]) & (j < (rp + 1) * lay.P)
     else:
-        S = 64 * math.ceil((P + max_new) / 64) if cuda else P + max_new
-        L, first = 0, P
+        valid[:, :lay.P] = torch.arange(lay.P, device=device)[None] >= (lay.P - lay.lens)[:, None]
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B0, vocab, dtype=torch.bool, device=device)
+        for r, (i, _) in enumerate(rows):
+            seen[r, torch.tensor(prompts[i], device=device)] = True
+    return _DecodeState(valid, seen, torch.zeros(B0 + 1, max_new, dtype=torch.long, device=device),
+                        torch.zeros(B0 + 1, max_new, dtype=torch.float32, device=device),
+                        torch.zeros(B0 + 1, dtype=torch.long, device=device), torch.arange(B0, device=device),
+                        torch.zeros(B0, dtype=torch.bool, device=device), lay.lens.clone(), None, B0)
+
+
+def _compact(st: _DecodeState, cache: KVCache, S: int, B0: int, n_active: int) -> None:
+    """Keep the live rows in the first slots of the same static cache, at the next captured batch size."""
+    nb = _bucket(n_active, B0)
+    if nb >= st.B:
+        return
+    keep = (~st.done).nonzero().squeeze(1)
+    keep = torch.cat([keep, keep[:1].expand(nb - n_active)])  # fillers repeat a live row
+    for t_ in cache.k + cache.v:
+        view = t_[:, :, :S]
+        view[:nb] = view.index_select(0, keep)
+    filler = torch.arange(nb, device=keep.device) >= n_active
+    st.row_id = torch.where(filler, B0, st.row_id[keep])
+    st.done = filler | st.done[keep]
+    st.tok, st.pos, st.valid = st.tok[keep], st.pos[keep], st.valid[keep]
+    st.seen = st.seen[keep] if st.seen is not None else None
+    st.B = nb
+
+
+def _run_batch(model, prompts, rows, max_new, params, stops, gen, shared=False) -> list[Completion]:
+    """Sample `rows` ((prompt index, sample index) pairs) to at most `max_new` tokens each."""
+    # 1) the cache layout and the prefill
+    device = model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    lay = _layout(prompts, rows, max_new, shared, device)
+    B0, S, L, first = len(rows), lay.S, lay.L, lay.first
     cache = _get_cache(model, B0, S, dtype, device)
     if shared:
         cache = KVCache(cache.k, cache.v, *_get_prefix(model, L, dtype, device))
-    logits = _prefill(model, [prompts[i] for i in uniq], cache, row_prompt, P)
-
-    # Per-row decode state, all on the device. Row B0 of the output buffers absorbs writes of filler rows.
-    # valid: the mask over [prefix slots | own slots]; a row sees its own prompt's real tokens.
-    valid = torch.zeros(B0, L + S, dtype=torch.bool, device=device)
-    if shared:
-        j = torch.arange(L, device=device)[None]
-        valid[:, :L] = (j >= row_prompt[:, None] * P + P - lens[:, None]) & (j < (row_prompt[:, None] + 1) * P)
-    else:
-        valid[:, :P] = torch.arange(P, device=device)[None] >= (P - lens)[:, None]
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B0, cfg.vocab_size, dtype=torch.bool, device=device)
-        for r, (i, _) in enumerate(rows):
-            seen[r, torch.tensor(prompts[i], device=device)] = True
-    out_tok = torch.zeros(B0 + 1, max_new, dtype=torch.long, device=device)
-    out_lp = torch.zeros(B0 + 1, max_new, dtype=torch.float32, device=device)
-    n_gen = torch.zeros(B0 + 1, dtype=torch.long, device=device)
+    logits = _prefill(model, [prompts[i] for i in lay.uniq], cache, lay.row_prompt, lay.P)
+    # 2) decode, with no host sync except every SYNC_EVERY steps (the finished rows are compacted away)
+    st = _start(prompts, rows, lay, max_new, params, model.config.vocab_size, device, shared)
     stop_t = torch.tensor(stops or [-1], device=device)
-    row_id = torch.arange(B0, device=device)
-    done = torch.zeros(B0, dtype=torch.bool, device=device)
-    pos = lens.clone()
     write = torch.tensor([first], device=device)
-    dec = _Decoder(model, cache)
-    pick = _picker(device)
-    B = B0
-    tok = None  # the token fed to the next decode step (step 0 reads the prefill's logits)
+    dec, pick = _Decoder(model, cache), _picker(device)
     for t in range(max_new):
         if t > 0:
-            valid[:, L + first + t - 1] = True
+            st.valid[:, L + first + t - 1] = True
             # Attend over the filled slots rounded up to ATTEND_STEP, not all S: each step reads the
             # cache (the decode's main cost at large batch), and early steps need much less of it.
             window = min(S, ATTEND_STEP * math.ceil((first + t) / ATTEND_STEP))
-            logits = dec(tok, pos, valid[:, None, None, :L + window], write)
-            pos += 1
+            logits = dec(st.tok, st.pos, st.valid[:, None, None, :L + window], write)
+            st.pos += 1
             write += 1
         noise = torch.empty_like(logits).exponential_(generator=gen) if params.temperature > 0 else None
-        nxt, chosen = pick(logits, noise, seen, params)
-        active = ~done
-        out_tok[row_id, t] = torch.where(active, nxt, 0)
-        out_lp[row_id, t] = torch.where(active, chosen, 0.0)
-        n_gen[row_id] += active.long()
-        done |= torch.isin(nxt, stop_t)
-        if seen is not None:
-            seen[torch.arange(B, device=device), nxt] = True
-        tok = nxt
+        nxt, chosen = pick(logits, noise, st.seen, params)
+        active = ~st.done
+        st.out_tok[st.row_id, t] = torch.where(active, nxt, 0)
+        st.out_lp[st.row_id, t] = torch.where(active, chosen, 0.0)
+        st.n_gen[st.row_id] += active.long()
+        st.done |= torch.isin(nxt, stop_t)
+        if st.seen is not None:
+            st.seen[torch.arange(st.B, device=device), nxt] = True
+        st.tok = nxt
         if (t + 1) % SYNC_EVERY == 0 or t == max_new - 1:
-            n_active = int((~done).sum())
+            n_active = int((~st.done).sum())
             if n_active == 0:
                 break
-            nb = _bucket(n_active, B0)
-            if nb < B:  # compact: keep live rows in the first nb slots of the same static cache
-                keep = (~done).nonzero().squeeze(1)
-                keep = torch.cat([keep, keep[:1].expand(nb - n_active)])  # fillers repeat a live row
-                for t_ in cache.k + cache.v:
-                    view = t_[:, :, :S]
-                    view[:nb] = view.index_select(0, keep)
-                filler = torch.arange(nb, device=device) >= n_active
-                row_id = torch.where(filler, B0, row_id[keep])
-                done = filler | done[keep]
-                tok, pos, valid = tok[keep], pos[keep], valid[keep]
-                seen = seen[keep] if seen is not None else None
-                B = nb
-    out_tok, out_lp, n_gen = out_tok.tolist(), out_lp.tolist(), n_gen.tolist()
-    res = []
+            _compact(st, cache, S, B0, n_active)
+    # 3) the completions
+    out_tok, out_lp, n_gen = st.out_tok.tolist(), st.out_lp.tolist(), st.n_gen.tolist()
     stop_set = set(stops)
+    res = []
     for r, (i, s) in enumerate(rows):
         toks = out_tok[r][: n_gen[r]]
-        reason = "stop" if toks and toks[-1] in stop_set else "length"
-        res.append(Completion(i, s, toks, out_lp[r][: n_gen[r]], reason))
+        res.append(Completion(i, s, toks, out_lp[r][: n_gen[r]], "stop" if toks and toks[-1] in stop_set else "length"))
     return res
 
 
