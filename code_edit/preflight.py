@@ -89,30 +89,34 @@ def _weights_gib(source: str, dtype: str) -> float:
 
 def preflight(presets: list[str], datasets: list[str], *, judge_base_url: str | None = None,
               api_key_file: str | None = None, need_gpu: bool = True) -> list[Check]:
-    checks: list[Check] = []
+    """One check per need of the presets and datasets: the GPU, the weights, the data, the judge."""
     cfgs = [load_hparams(p) for p in presets]
+    return [_gpu_check(cfgs, need_gpu), *_weights_checks(cfgs), *_dataset_checks(datasets),
+            *_judge_checks(judge_base_url, api_key_file)]
 
-    # GPU and memory
+
+def _gpu_check(cfgs: list, need_gpu: bool) -> Check:
     need = max((_weights_gib(c.model.source, c.model.dtype) + WORKING_GIB for c in cfgs), default=WORKING_GIB)
     mem = cuda_memory()
     if mem is None:
         import torch
 
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        checks.append(Check("FAIL" if need_gpu else "note", "GPU",
-                            f"no CUDA GPU visible (torch {torch.__version__}, {built}); these presets need one GPU "
-                            f"with about {need:.0f} GiB free (bf16 weights + ~{WORKING_GIB:.0f} GiB working memory)"))
-    else:
-        name, free, total = mem
-        ok = free >= need
-        checks.append(Check("OK" if ok else "FAIL", "GPU",
-                            f"{name}: {free:.1f} of {total:.1f} GiB free; the presets need about {need:.0f} GiB "
-                            f"(largest bf16 weights + ~{WORKING_GIB:.0f} GiB working memory)"
-                            + ("" if ok else "; free memory or use a larger GPU")))
+        return Check("FAIL" if need_gpu else "note", "GPU",
+                     f"no CUDA GPU visible (torch {torch.__version__}, {built}); these presets need one GPU "
+                     f"with about {need:.0f} GiB free (bf16 weights + ~{WORKING_GIB:.0f} GiB working memory)")
+    name, free, total = mem
+    ok = free >= need
+    return Check("OK" if ok else "FAIL", "GPU",
+                 f"{name}: {free:.1f} of {total:.1f} GiB free; the presets need about {need:.0f} GiB "
+                 f"(largest bf16 weights + ~{WORKING_GIB:.0f} GiB working memory)"
+                 + ("" if ok else "; free memory or use a larger GPU"))
 
-    # Model weights
+
+def _weights_checks(cfgs: list) -> list[Check]:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0")
     hub_online = None
+    checks = []
     for c in cfgs:
         src = c.model.source
         if Path(src).expanduser().exists() or src in ("smollm2-135m-instruct", "tiny-random"):
@@ -139,9 +143,12 @@ def preflight(presets: list[str], datasets: list[str], *, judge_base_url: str | 
             via = f", token from {token}" if token else ""
             checks.append(Check("OK", f"weights {src}", f"will be downloaded on first use (~{size:.0f} GiB{via})"
                                 + ("; the license must have been accepted on huggingface.co" if gated else "")))
+    return checks
 
-    # Datasets
+
+def _dataset_checks(datasets: list[str]) -> list[Check]:
     gh_online = None
+    checks = []
     for name in datasets:
         if name not in DOWNLOADED:
             checks.append(Check("OK", f"dataset {name}", "bundled"))
@@ -159,26 +166,23 @@ def preflight(presets: list[str], datasets: list[str], *, judge_base_url: str | 
             checks.append(Check("FAIL", f"dataset {name}",
                                 f"not cached and raw.githubusercontent.com is unreachable; fetch {url} by hand and "
                                 f"put it at {f} (or pass --data_path FILE)"))
+    return checks
 
-    # Judge
+
+def _judge_checks(judge_base_url: str | None, api_key_file: str | None) -> list[Check]:
     from eval.chat import ChatError, redact_url, resolve_api_keys
 
     try:
         keys = resolve_api_keys(api_key_file)
     except ChatError as e:
-        checks.append(Check("FAIL", "judge", str(e)))
-        keys = None
-    if keys is not None:
-        if keys or judge_base_url:
-            where = redact_url(judge_base_url) if judge_base_url else "https://api.deepseek.com (default)"
-            src = (f"{len(keys)} key(s) from " + (api_key_file or "$CODE_EDIT_API_KEYS / $OPENAI_API_KEY")) if keys \
-                else "no key (a local server)"
-            checks.append(Check("OK", "judge", f"LLM judge at {where}; {src}"))
-        else:
-            checks.append(Check("note", "judge",
-                                "no endpoint and no API key: the strict offline grader will be used "
-                                "(for the LLM judge set $CODE_EDIT_API_KEYS or $OPENAI_API_KEY, or a base URL)"))
-    return checks
+        return [Check("FAIL", "judge", str(e))]
+    if keys or judge_base_url:
+        where = redact_url(judge_base_url) if judge_base_url else "https://api.deepseek.com (default)"
+        src = (f"{len(keys)} key(s) from " + (api_key_file or "$CODE_EDIT_API_KEYS / $OPENAI_API_KEY")) if keys \
+            else "no key (a local server)"
+        return [Check("OK", "judge", f"LLM judge at {where}; {src}")]
+    return [Check("note", "judge", "no endpoint and no API key: the strict offline grader will be used "
+                                   "(for the LLM judge set $CODE_EDIT_API_KEYS or $OPENAI_API_KEY, or a base URL)")]
 
 
 def report(checks: list[Check]) -> tuple[str, bool]:

@@ -94,68 +94,89 @@ def _backend(args: argparse.Namespace, *, llm: bool = True):
                         substring=args.substring)
 
 
+def _grade(args: argparse.Namespace) -> int:
+    from .grade import grade_file
+    n = grade_file(args.input, args.output)
+    print(f"graded {n['answers']} answers: {n['correct']} correct, {n['asserts_old']} assert the old answer "
+          f"-> {args.output}")
+    return 0
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from .judge import run_judge, summary_lines
+    from .mquake import load_mquake
+    backend = _backend(args)
+    print(f"judge: {backend.label}", file=sys.stderr)
+    cases = load_mquake(args.data_path) if args.data_path else None
+    summary = run_judge(args.input, backend, summary_path=args.summary, cases=cases)
+    print("\n".join(summary_lines(summary)))
+    items = summary["items"]
+    if items["total"] and items["ERROR"] == items["total"]:
+        print(f"error: every one of the {items['total']} items failed (see the errors above); nothing was judged",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def _agreement(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .agreement import LABELS, SRR_LABELS, agreement_table, judge_verdicts, load_labels, srr_agreement, table_lines
+    from .files import atomic_write_json
+    rows = load_labels(args.labels or LABELS)
+    table = agreement_table(rows, judge_verdicts(rows, _backend(args)))
+    if not args.labels:
+        table += srr_agreement(load_labels(SRR_LABELS, ("asserts_new", "self_refutes")))
+    print("\n".join(table_lines(rows, table)))
+    if args.json:
+        atomic_write_json(args.json, [asdict(a) for a in table])
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyze import report_lines, run_analyze
+    backend = _backend(args, llm=args.llm_self_refute)
+    why = _backend(args) if args.rewrite_why else None
+    if (args.llm_self_refute and backend.client is None) or (why is not None and why.client is None):
+        print("no API key and no --base-url: self-refutation by the strict offline grader (labelled strict), "
+              "rationale alignment by word overlap (labelled word-overlap)", file=sys.stderr)
+    res = run_analyze(args.input, backend, output=args.output, checkpoint=args.llm_checkpoint,
+                      resume=args.llm_resume, rewrite_why=why)
+    print("\n".join(report_lines(res)))
+    n_items = sum(res["item_counts"].values())
+    if n_items and res["item_errors"] == n_items:
+        print(f"error: every one of the {n_items} items failed; nothing was judged", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _extract_ce(args: argparse.Namespace) -> int:
+    from .analyze import extract_ce
+    print(extract_ce(args.input))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+    for flag in ("max_tokens_cap", "max_body_bytes", "max_queue", "slice_tokens", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, device=args.device,
+          dtype=args.dtype, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
+          max_queue=args.max_queue, slice_tokens=args.slice_tokens)
+    return 0
+
+
+COMMANDS = {"grade": _grade, "judge": _judge, "judge-agreement": _agreement, "analyze": _analyze,
+            "extract-ce": _extract_ce, "serve": _serve}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .chat import ChatError  # after parsing: --help needs no HTTP stack
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.cmd == "grade":
-            from .grade import grade_file
-            n = grade_file(args.input, args.output)
-            print(f"graded {n['answers']} answers: {n['correct']} correct, {n['asserts_old']} assert the old answer "
-                  f"-> {args.output}")
-        elif args.cmd == "judge":
-            from .judge import run_judge, summary_lines
-            from .mquake import load_mquake
-            backend = _backend(args)
-            print(f"judge: {backend.label}", file=sys.stderr)
-            cases = load_mquake(args.data_path) if args.data_path else None
-            summary = run_judge(args.input, backend, summary_path=args.summary, cases=cases)
-            print("\n".join(summary_lines(summary)))
-            items = summary["items"]
-            if items["total"] and items["ERROR"] == items["total"]:
-                print(f"error: every one of the {items['total']} items failed (see the errors above); nothing was "
-                      "judged", file=sys.stderr)
-                return 2
-        elif args.cmd == "judge-agreement":
-            from dataclasses import asdict
-
-            from .agreement import (LABELS, SRR_LABELS, agreement_table, judge_verdicts, load_labels, srr_agreement,
-                                    table_lines)
-            from .files import atomic_write_json
-            rows = load_labels(args.labels or LABELS)
-            backend = _backend(args)
-            table = agreement_table(rows, judge_verdicts(rows, backend))
-            if not args.labels:
-                table += srr_agreement(load_labels(SRR_LABELS, ("asserts_new", "self_refutes")))
-            print("\n".join(table_lines(rows, table)))
-            if args.json:
-                atomic_write_json(args.json, [asdict(a) for a in table])
-        elif args.cmd == "analyze":
-            from .analyze import report_lines, run_analyze
-            backend = _backend(args, llm=args.llm_self_refute)
-            why = _backend(args) if args.rewrite_why else None
-            if (args.llm_self_refute and backend.client is None) or (why is not None and why.client is None):
-                print("no API key and no --base-url: self-refutation by the strict offline grader (labelled strict), "
-                      "rationale alignment by word overlap (labelled word-overlap)", file=sys.stderr)
-            res = run_analyze(args.input, backend, output=args.output, checkpoint=args.llm_checkpoint,
-                              resume=args.llm_resume, rewrite_why=why)
-            print("\n".join(report_lines(res)))
-            n_items = sum(res["item_counts"].values())
-            if n_items and res["item_errors"] == n_items:
-                print(f"error: every one of the {n_items} items failed; nothing was judged", file=sys.stderr)
-                return 2
-        elif args.cmd == "extract-ce":
-            from .analyze import extract_ce
-            print(extract_ce(args.input))
-        elif args.cmd == "serve":
-            from .serve import serve
-            for flag in ("max_tokens_cap", "max_body_bytes", "max_queue", "slice_tokens", "max_new_tokens"):
-                if getattr(args, flag) < 1:
-                    raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-            serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens,
-                  device=args.device, dtype=args.dtype, max_tokens_cap=args.max_tokens_cap,
-                  max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, slice_tokens=args.slice_tokens)
+        return COMMANDS[args.cmd](args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume (finished verdicts are kept in the checkpoint)",
               file=sys.stderr)
@@ -163,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ChatError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

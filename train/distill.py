@@ -218,92 +218,98 @@ class Distiller:
         cfg, model = self.cfg, self.model
         seed = cfg.seed + self.steps_done if seed is None else seed
         self._check_prompts(prompts)
-        W = model.lm_head.weight
         was_training, ckpt_before = model.training, model.gradient_checkpointing
         t0 = self._sync()
         with _NoDropout(model):
             try:
-                # 1. rollouts from the student, as it is now (generate runs in eval mode)
-                rollouts = generate(model, [p.student_ids for p in prompts], max_new_tokens=cfg.max_completion_length,
-                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                    repetition_penalty=cfg.repetition_penalty, num_samples=cfg.rollouts_per_prompt,
-                                    stop_ids=self.stop_ids, seed=seed)
-                self.last_rollouts = rollouts
+                # 1) rollouts from the student, as it is now (generate runs in eval mode)
+                rollouts, lengths, groups, keep, mbs = self._rollouts(prompts, seed)
                 t1 = self._sync()
-                R = len(rollouts)
-                # Every rollout has >= 1 token (max_completion_length >= 1); its tokens are exactly the
-                # completion mask's valid tokens: generation ends at the first stop token, included.
-                lengths = torch.tensor([len(c.tokens) for c in rollouts], dtype=torch.float32, device=self.device)
-                # Groups: the rollouts of each entry of `prompts`, by the id generate() gives them (an entry
-                # drawn twice is two groups of rollouts_per_prompt, as in the reference's sampler).
-                groups = [c.prompt_index for c in rollouts]
-                keep = torch.tensor([float(repetition_ratio(c.tokens, cfg.repetition_ngram_n, cfg.repetition_window)
-                                           <= cfg.repetition_threshold) for c in rollouts], device=self.device)
-                if cfg.mask_truncated_completions:
-                    keep *= torch.tensor([float(c.finish_reason == "stop") for c in rollouts], device=self.device)
-                mbs = self._micro_batches(prompts, rollouts)
-
-                # 2. teacher forward for all micro-batches first (the teacher context may swap weights,
-                #    which must not happen under a pending student backward); keep only completion rows
-                model.eval()
-                teacher_h, score_sum = [], torch.zeros(R, device=self.device)
-                with torch.no_grad(), self.teacher():
-                    for mb in mbs:
-                        h = self._gather(model.hidden(mb.teacher_ids), mb.teacher_pos)
-                        teacher_h.append(h)
-                        # sequence score: teacher's mean log-prob of the sampled tokens, at kd_temperature
-                        # (the reference divides the logits by it before everything else)
-                        lp = token_logprobs(h, W, mb.targets, temperature=cfg.kd_temperature)
-                        score_sum.index_add_(0, mb.row_of_token, lp)
+                # 2) the teacher over every micro-batch first, then the rollouts' weights
+                teacher_h, score_sum = self._teacher_pass(mbs, len(rollouts))
                 seq_w = sequence_weights(score_sum / lengths, groups, cfg.seq_weight_temperature)
                 row_w = seq_w * keep  # softmax over all of a prompt's rollouts, then the keep flag (reference)
                 total_w = float((row_w * lengths).sum())  # sum over tokens of W = m * k * w
-                norm = max(total_w, 1e-8)
                 t2 = self._sync()
-
-                # 3. student forward + backward per micro-batch, each scaled to the global normaliser
-                model.gradient_checkpointing = cfg.grad_checkpointing
-                model.train()
-                loss_sum, kl_sum, kept_tokens, max_diff = 0.0, 0.0, 0.0, 0.0
-                for mb, th in zip(mbs, teacher_h):
-                    sh = self._gather(model.hidden(mb.student_ids), mb.student_pos)
-                    w_tok = row_w[mb.row_of_token]
-                    w_mb = float(w_tok.sum())
-                    loss = distill_loss(sh, th, W, w_tok, direction=cfg.direction, top_k=cfg.top_k_support,
-                                        temperature=cfg.kd_temperature, beta=cfg.beta)
-                    (loss * (w_mb / norm)).backward()
-                    loss_sum += float(loss.detach()) * w_mb / norm
-                    with torch.no_grad():
-                        sd = sh.detach()
-                        # unweighted KL per kept token, for the log
-                        k_tok = keep[mb.row_of_token]
-                        n_k = float(k_tok.sum())
-                        if n_k > 0:
-                            kl = distill_loss(sd, th, W, k_tok, direction=cfg.direction, top_k=cfg.top_k_support,
-                                              temperature=cfg.kd_temperature, beta=cfg.beta)
-                            kl_sum += float(kl) * n_k
-                            kept_tokens += n_k
-                        # no importance-sampling factor: sampler and trainer are one network, so check it
-                        mine = token_logprobs(sd, W, mb.targets)
-                        max_diff = max(max_diff, float((mine - mb.sampler_logprobs).abs().max()))
-                    del sh, loss
+                # 3) the student forward and backward per micro-batch
+                loss_sum, kl_sum, kept_tokens, max_diff = self._student_pass(mbs, teacher_h, row_w, keep,
+                                                                             max(total_w, 1e-8))
                 t3 = self._sync()
             finally:
                 model.gradient_checkpointing = ckpt_before
                 model.train(was_training)
-        return {
-            "loss": loss_sum,
-            "kl_per_token": kl_sum / kept_tokens if kept_tokens else 0.0,
-            "kept_fraction": float(keep.mean()),
-            "weight_sum": total_w,
-            "completion_length": float(lengths.mean()),
-            "stopped_fraction": sum(c.finish_reason == "stop" for c in rollouts) / R,
-            "max_logprob_diff": max_diff,
-            "rollouts": R,
-            "generate_s": t1 - t0,
-            "teacher_s": t2 - t1,
-            "student_s": t3 - t2,
-        }
+        R = len(rollouts)
+        return {"loss": loss_sum, "kl_per_token": kl_sum / kept_tokens if kept_tokens else 0.0,
+                "kept_fraction": float(keep.mean()), "weight_sum": total_w, "completion_length": float(lengths.mean()),
+                "stopped_fraction": sum(c.finish_reason == "stop" for c in rollouts) / R, "max_logprob_diff": max_diff,
+                "rollouts": R, "generate_s": t1 - t0, "teacher_s": t2 - t1, "student_s": t3 - t2}
+
+    def _rollouts(self, prompts: list[DistillPrompt], seed: int) -> tuple:
+        """(rollouts, their lengths, their group ids, their keep flags, the micro-batches)."""
+        cfg = self.cfg
+        rollouts = generate(self.model, [p.student_ids for p in prompts], max_new_tokens=cfg.max_completion_length,
+                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            repetition_penalty=cfg.repetition_penalty, num_samples=cfg.rollouts_per_prompt,
+                            stop_ids=self.stop_ids, seed=seed)
+        self.last_rollouts = rollouts
+        # Every rollout has >= 1 token (max_completion_length >= 1); its tokens are exactly the completion
+        # mask's valid tokens: generation ends at the first stop token, included.
+        lengths = torch.tensor([len(c.tokens) for c in rollouts], dtype=torch.float32, device=self.device)
+        # Groups: the rollouts of each entry of `prompts`, by the id generate() gives them (an entry drawn
+        # twice is two groups of rollouts_per_prompt, as in the reference's sampler).
+        groups = [c.prompt_index for c in rollouts]
+        keep = torch.tensor([float(repetition_ratio(c.tokens, cfg.repetition_ngram_n, cfg.repetition_window)
+                                   <= cfg.repetition_threshold) for c in rollouts], device=self.device)
+        if cfg.mask_truncated_completions:
+            keep *= torch.tensor([float(c.finish_reason == "stop") for c in rollouts], device=self.device)
+        return rollouts, lengths, groups, keep, self._micro_batches(prompts, rollouts)
+
+    def _teacher_pass(self, mbs: list[_Rows], n_rollouts: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The teacher's hidden states at the completion rows, and each rollout's summed log-prob under it
+        at kd_temperature (the reference divides the logits by it before everything else). All teacher
+        forwards come first: the teacher context may swap weights, which must not happen under a pending
+        student backward."""
+        model, W = self.model, self.model.lm_head.weight
+        model.eval()
+        teacher_h, score_sum = [], torch.zeros(n_rollouts, device=self.device)
+        with torch.no_grad(), self.teacher():
+            for mb in mbs:
+                h = self._gather(model.hidden(mb.teacher_ids), mb.teacher_pos)
+                teacher_h.append(h)
+                lp = token_logprobs(h, W, mb.targets, temperature=self.cfg.kd_temperature)
+                score_sum.index_add_(0, mb.row_of_token, lp)
+        return teacher_h, score_sum
+
+    def _student_pass(self, mbs: list[_Rows], teacher_h: list[torch.Tensor], row_w: torch.Tensor,
+                      keep: torch.Tensor, norm: float) -> tuple[float, float, float, float]:
+        """Forward and backward of the student per micro-batch, each scaled to the global normaliser;
+        returns (loss, summed unweighted KL of kept tokens, kept tokens, largest sampler/trainer log-prob gap)."""
+        cfg, model, W = self.cfg, self.model, self.model.lm_head.weight
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        model.train()
+        loss_sum, kl_sum, kept_tokens, max_diff = 0.0, 0.0, 0.0, 0.0
+        for mb, th in zip(mbs, teacher_h):
+            sh = self._gather(model.hidden(mb.student_ids), mb.student_pos)
+            w_tok = row_w[mb.row_of_token]
+            w_mb = float(w_tok.sum())
+            loss = distill_loss(sh, th, W, w_tok, direction=cfg.direction, top_k=cfg.top_k_support,
+                                temperature=cfg.kd_temperature, beta=cfg.beta)
+            (loss * (w_mb / norm)).backward()
+            loss_sum += float(loss.detach()) * w_mb / norm
+            with torch.no_grad():
+                sd = sh.detach()
+                k_tok = keep[mb.row_of_token]  # the unweighted KL per kept token, for the log
+                n_k = float(k_tok.sum())
+                if n_k > 0:
+                    kl = distill_loss(sd, th, W, k_tok, direction=cfg.direction, top_k=cfg.top_k_support,
+                                      temperature=cfg.kd_temperature, beta=cfg.beta)
+                    kl_sum += float(kl) * n_k
+                    kept_tokens += n_k
+                # no importance-sampling factor: sampler and trainer are one network, so check it
+                mine = token_logprobs(sd, W, mb.targets)
+                max_diff = max(max_diff, float((mine - mb.sampler_logprobs).abs().max()))
+            del sh, loss
+        return loss_sum, kl_sum, kept_tokens, max_diff
 
     def step(self, prompts: list[DistillPrompt], *, seed: int | None = None) -> dict:
         """One optimizer step: rollouts, teacher and student forwards, weighted KL, clip, AdamW."""
