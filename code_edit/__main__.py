@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv) if preflight_args is None else None
     from code_edit.config import HparamsError
     from code_edit.data import DatasetError
-    from code_edit.run import RunError
+    from code_edit.run_folder import RunError
 
     if preflight_args is not None:
         from code_edit.preflight import preflight, report
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 0 if ok else 1
 
-    from code_edit.run import UnitFailed, execute
+    from code_edit.run import execute
+    from code_edit.run_folder import UnitFailed
 
     debug = args.debug or os.environ.get("CODE_EDIT_DEBUG", "") not in ("", "0")
     try:

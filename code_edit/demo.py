@@ -68,7 +68,8 @@ def finished_before(root: Path, preset: str, method: str, n_cases: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from code_edit.__main__ import build_parser
-    from code_edit.run import RunError, execute
+    from code_edit.run import execute
+    from code_edit.run_folder import RunError
     from eval.analyze import run_analyze
     from eval.judge import make_backend
 

@@ -17,9 +17,8 @@ T = TypeVar("T")
 
 # The control messages are a few pickled objects (the plan, the units to do, failure counts); no tensor
 # crosses devices. They go through the TCP key-value store that torchrun's rendezvous provides (the one
-# process groups are built on), not through a gloo process group: with one open, a rank aborted now and
-# then at the end of a run (SIGABRT, "terminate called without an active exception", 3 of 13 test-suite
-# runs on 2 CPU cores; cause inside gloo not pinned down), and a store client has no threads of its own.
+# process groups are built on), not through a gloo process group: a store client has no threads of its own,
+# while a gloo group can abort a rank at exit (SIGABRT) on small CPU machines.
 # A rank waits for a message up to TIMEOUT: the final gather waits for the slowest rank, which can be
 # a long case behind (a rank that dies is torchrun's business: it stops the others).
 TIMEOUT = dt.timedelta(hours=72)
@@ -113,3 +112,43 @@ def rank_device(requested: str, ranks: Ranks | None = None) -> Any:
     if ranks.world > 1 and device.type == "cuda":
         torch.cuda.set_device(device)  # allocations without an explicit device land on this rank's GPU
     return device
+
+
+def execute_ranked(args: Any, editor_factory: Any = None) -> Any:
+    """The run across the ranks: rank 0 plans, opens the run folder (lock, meta, journal repair) and sends
+    the plan and the units still to do to the others; every rank edits its round-robin share into its own
+    journal; when all are done rank 0 merges the journals into metrics.json and res.json."""
+    from code_edit.run import conclude, edit_units, open_run, run_logging
+    from code_edit.run_folder import RunError
+
+    with run_ranks() as ranks, contextlib.ExitStack() as stack:
+        # 1) rank 0 opens the run; every other rank checks it sees the run folder
+        if ranks.rank == 0:
+            try:
+                start, info = open_run(args, ranks, stack)
+            except Exception as e:
+                ranks.broadcast(f"{type(e).__name__}: {e}")  # the others stop too, with the reason
+                raise
+            ranks.broadcast(start)
+            problem = None
+        else:
+            start, info = ranks.broadcast(), {}
+            if isinstance(start, str):
+                raise RunError(f"rank 0 could not start the run: {start}")
+            problem = None if (start.run_dir / "requests.json").exists() else (
+                f"cannot see {start.run_dir / 'requests.json'}, written by rank 0: --output_root must be on a "
+                f"filesystem that every host shares")
+            if problem is None:
+                stack.enter_context(run_logging(start.run_dir, ranks))
+        problems = [f"rank {r}: {m}" for r, m in enumerate(ranks.gather(problem)) if m]
+        if problems:
+            raise RunError("; ".join(problems))
+        # 2) each rank its share of the units
+        todo = set(start.todo)
+        mine = shard([u for u in start.p.units if u.key in todo], ranks.rank, ranks.world)
+        failures = edit_units(args, start.p, start.run_dir, mine, ranks, info, editor_factory)
+        failures = sum(ranks.gather(failures))  # waits for every rank
+        # 3) rank 0 merges
+        if ranks.rank == 0:
+            conclude(start, info, failures)
+        return start.run_dir

@@ -51,7 +51,7 @@ def normalize_method(name: str) -> str:
                      f"(aliases: {', '.join(sorted(_ALIASES))})")
 
 
-def needs_articles(method: str, cfg: Any) -> bool:
+def needs_articles(method: str, cfg: CausalEditConfig) -> bool:
     """Methods that read the causal articles: causal-mode CODE (teacher cheat sheet) and InContext."""
     return (method == "CausalEdit" and cfg.editing_mode == "causal") or method == "InContext"
 
@@ -103,7 +103,7 @@ class Editor:
 
     model: Any
     tok: Any
-    cfg: Any
+    cfg: CausalEditConfig
     method: str
     model_id: str  # model source string: part of the bootstrap cache key and the adapters' base name
     cache_dir: Path | None = None  # bootstrap candidate cache (None: no cache)

@@ -172,7 +172,7 @@ def distill_config(cfg: CausalEditConfig, steps: int) -> DistillConfig:
         adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, **{k: getattr(it, k) for k in _SAME_NAME})
 
 
-def internalize(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: Any, *, seed: int,
+def internalize(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: CausalEditConfig, *, seed: int,
                 teacher: Callable[[], Any] | None = None,
                 on_step: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
     """Run stage 2 on the LoRA already on `model`: pool -> steps x prompts_per_step rows -> Distiller.step.

@@ -1,23 +1,14 @@
-"""One editing run end to end: pick cases, lay out the run directory (docs/method.md 7.1), edit and
-evaluate unit by unit with a progress bar, and resume after a crash.
-
-`metrics.jsonl` (one fsynced line per finished case) is the run's source of truth; metrics.json and
-res.json are rebuilt from it atomically after every unit, so a kill -9 loses at most the unit in
-flight and a rerun never repeats or duplicates a finished case. Under torchrun each rank edits a
-round-robin share of the units left and keeps its own journal (metrics.rank{r}.jsonl); rank 0 plans,
-owns the run directory and merges every journal (code_edit.distributed).
-"""
+"""One editing run end to end: check the arguments, pick the cases, open the run folder
+(code_edit.run_folder), edit and evaluate unit by unit with a progress bar, and print the summary. One
+process runs `execute` alone; under torchrun code_edit.distributed shares the units among the ranks."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import platform
 import re
 import subprocess
@@ -29,221 +20,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from code_edit.config import CausalEditConfig, load_hparams
-from code_edit.data import (BATCH_EDIT_MAX_UNIQUE, EditRequest, batch_edit_groups, case_has_articles,
-                            default_cache_root, edit_requests, load_dataset, order_cases)
-from code_edit.distributed import Ranks, rank_device, run_ranks, shard
+from code_edit.data import BATCH_EDIT_MAX_UNIQUE, case_has_articles, default_cache_root, load_dataset, order_cases
+from code_edit.distributed import Ranks, env_ranks, rank_device
+from code_edit.run_folder import (Journal, RunError, Unit, UnitFailed, case_count, choose_run_dir,
+                                  data_hash, done_units, journal_name, journal_paths, journal_rows, locked,
+                                  plan_units, rebuild_outputs, record_stop, run_dir_prefix, run_parent)
 from code_edit.editor import Editor, Reporter, needs_articles, normalize_method
-from eval.files import append_jsonl, atomic_write_json, read_json, read_jsonl, sweep_temp_files
+from eval.files import append_jsonl, atomic_write_json, read_json, sweep_temp_files
 from eval.probes import string_match_summary
 
 log = logging.getLogger("code_edit")
-
-# Arguments that change what a run computes: a run directory is resumed only when they all agree.
-IDENTITY_KEYS = ("editing_method", "datatype", "model_type", "hparams_path", "max_cases", "hop", "shuffle_seed",
-                 "exp_tag", "batch_edit", "skip_cases", "data_path", "model_path", "articles_only")
-IDENTITY_DEFAULTS = {"articles_only": False}  # keys added later: a run folder written before has the default
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or resume as asked (the message says why and what to do)."""
-
-
-class UnitFailed(RunError):
-    """A unit raised under --on_error stop: the run stopped there (run_info status "failed")."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Units: what is edited together and evaluated after it
-
-@dataclass(frozen=True)
-class Unit:
-    key: str  # "case-{id}" or "group-{n}": names the unit in metrics.jsonl, logs and saved adapters
-    requests: tuple[EditRequest, ...]
-    cases: tuple[dict, ...]
-    group: int | None = None
-
-
-def plan_units(cases: list[dict], batch_edit: int) -> list[Unit]:
-    """Sequential mode: one unit per case (all its rewrites edited jointly). Batch mode: the groups
-    of code_edit.data.batch_edit_groups, each evaluated on every case that contributed an edit."""
-    if batch_edit > 0:
-        return [Unit(f"group-{g.group_id}", g.requests, g.cases, g.group_id) for g in batch_edit_groups(cases, batch_edit)]
-    return [Unit(f"case-{c['case_id']}", tuple(edit_requests(c)), (c,)) for c in cases]
-
-
-def case_count(units: list[Unit]) -> int:
-    return len({c["case_id"] for u in units for c in u.cases})
-
-
-# ------------------------------------------------------------------------------------------------
-# Run directory
-
-def run_parent(output_root: str | Path, datatype: str, model_type: str, method: str, exp_tag: str) -> Path:
-    return Path(output_root) / datatype / model_type / method / f"tag-{exp_tag}"
-
-
-def run_dir_prefix(n_cases: int, batch_edit: int, seed: int) -> str:
-    return f"n{n_cases}{f'_b{batch_edit}' if batch_edit > 0 else ''}_seed{seed}_"
-
-
-def _identity(run_args: dict) -> dict:
-    return {k: run_args.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
-
-
-def _differences(a: dict, b: dict) -> list[str]:
-    return [f"{k}: {a.get(k)!r} (run dir) vs {b.get(k)!r} (now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def _read_meta(run_dir: Path) -> tuple[dict, dict] | None:
-    try:
-        return read_json(run_dir / "meta" / "run_args.json"), read_json(run_dir / "meta" / "run_info.json")
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def data_hash(cases: list[dict]) -> str:
-    """sha256 of the selected cases in run order, articles included: the data part of a run's identity."""
-    blob = json.dumps(cases, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def _journalled(d: Path) -> bool:
-    """Whether any journal of the folder holds a finished unit."""
-    return any(p.is_file() and p.stat().st_size > 0 for p in journal_paths(d))
-
-
-def choose_run_dir(parent: Path, prefix: str, run_id: str | None, run_args: dict,
-                   hparams: dict, content: str | None = None) -> tuple[Path, bool]:
-    """(run directory, resuming?).
-
-    --run_id given: that directory; resumed if it exists (its arguments, hparams and data must match).
-    A folder whose meta files were never completed (a kill while it was created) and that holds no
-    finished unit is started again. --run_id not given: the newest unfinished directory under `parent`
-    with the same name prefix, arguments, hparams and data is resumed; otherwise a new one named by the
-    current time.
-    """
-    if run_id:
-        d = parent / f"{prefix}{run_id}"
-        meta = _read_meta(d)
-        if meta is None:
-            if d.exists() and _journalled(d):
-                raise RunError(f"{d} holds finished cases but no readable meta/run_args.json and meta/run_info.json; "
-                               "choose another --run_id")
-            return d, False
-        diff = _differences(_identity(meta[0]), _identity(run_args))
-        if meta[1].get("hparams") != hparams:
-            diff.append("hparams differ from meta/run_info.json")
-        old = (meta[1].get("dataset") or {}).get("content_sha256")
-        if content and old and old != content:
-            raise RunError(f"{d}: the selected cases changed since the run started (data sha256 {old[:12]} in "
-                           f"meta/run_info.json, {content[:12]} now; did --data_path's file change?); start a new run "
-                           "with another --run_id, or restore the data")
-        if diff:
-            raise RunError(f"{d} was started with other settings; resume it with the same command, or pick "
-                           f"another --run_id. Differences: " + "; ".join(diff))
-        return d, True
-    candidates = []
-    for d in parent.glob(f"{prefix}*") if parent.is_dir() else []:
-        meta = _read_meta(d)
-        if meta is None or meta[1].get("status") == "finished":
-            continue
-        same_data = (meta[1].get("dataset") or {}).get("content_sha256") in (None, content)
-        if _identity(meta[0]) == _identity(run_args) and meta[1].get("hparams") == hparams and same_data:
-            candidates.append((d.stat().st_mtime, d.name, d))
-    if candidates:
-        return max(candidates)[2], True
-    return parent / f"{prefix}{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}", False
-
-
-@contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
-    """One process per run directory: a second one would redo the same cases."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "w")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"{run_dir} is in use by another process (lock file {run_dir / '.lock'})") from None
-        yield
-    finally:
-        f.close()
-
-
-# ------------------------------------------------------------------------------------------------
-# metrics.jsonl: the per-case journal
-
-class Journal:
-    """metrics.jsonl rows {"unit", "case_id", "record"}; appended with fsync after each unit. One
-    process writes metrics.jsonl; under torchrun rank r writes metrics.rank{r}.jsonl."""
-
-    def __init__(self, run_dir: Path, name: str = "metrics.jsonl"):
-        self.path = run_dir / name
-
-    def repair(self) -> int:
-        """Cut a torn last line (the process died mid-write) so the next append starts on a fresh
-        line; returns the bytes dropped."""
-        if not self.path.exists():
-            return 0
-        data = self.path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return 0
-        keep = data.rfind(b"\n") + 1
-        with open(self.path, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        return len(data) - keep
-
-    def rows(self) -> dict[tuple[str, Any], dict]:
-        """(unit, case_id) -> record; a later row replaces an earlier one (a unit redone after a kill)."""
-        out = {}
-        for row in read_jsonl(self.path):
-            if isinstance(row.get("unit"), str) and isinstance(row.get("record"), dict):
-                out[(row["unit"], row.get("case_id"))] = row["record"]
-        return out
-
-    def append(self, unit: Unit, records: list[dict]) -> None:
-        append_jsonl(self.path, [{"unit": unit.key, "case_id": r["case_id"], "record": r} for r in records])
-
-
-def journal_name(ranks: Ranks) -> str:
-    return "metrics.jsonl" if ranks.world == 1 else f"metrics.rank{ranks.rank}.jsonl"
-
-
-def journal_paths(run_dir: Path) -> list[Path]:
-    """metrics.jsonl, then metrics.rank{r}.jsonl by rank: every journal any launch of this run wrote."""
-    ranked = [(int(m.group(1)), q) for q in run_dir.glob("metrics.rank*.jsonl")
-              if (m := re.fullmatch(r"metrics\.rank(\d+)\.jsonl", q.name))]
-    return [run_dir / "metrics.jsonl", *(q for _, q in sorted(ranked))]
-
-
-def journal_rows(run_dir: Path, units: list[Unit]) -> dict[tuple[str, Any], dict]:
-    """(unit, case_id) -> record merged over every journal. A unit's records all come from one journal
-    that holds it complete (the last such in journal_paths order), never a mix of two attempts; units
-    complete nowhere are left out (they are still to do)."""
-    rows: dict[tuple[str, Any], dict] = {}
-    for path in journal_paths(run_dir):
-        part = Journal(path.parent, path.name).rows()
-        for u in units:
-            keys = [(u.key, c["case_id"]) for c in u.cases]
-            if all(k in part for k in keys):
-                rows.update((k, part[k]) for k in keys)
-    return rows
-
-
-def done_units(units: list[Unit], rows: dict) -> set[str]:
-    return {u.key for u in units if all((u.key, c["case_id"]) in rows for c in u.cases)}
-
-
-def rebuild_outputs(run_dir: Path, units: list[Unit], rows: dict) -> list[dict]:
-    """metrics.json (records of finished units, in run order) and res.json, both atomic."""
-    done = done_units(units, rows)
-    records = [rows[(u.key, c["case_id"])] for u in units if u.key in done for c in u.cases]
-    atomic_write_json(run_dir / "metrics.json", records)
-    atomic_write_json(run_dir / "res.json", string_match_summary(records))
-    return records
-
 
 # ------------------------------------------------------------------------------------------------
 # Progress
@@ -290,6 +76,7 @@ def run_logging(run_dir: Path, ranks: Ranks = Ranks()) -> Iterator[None]:
     ch.setLevel(logging.WARNING)
     ch.setFormatter(logging.Formatter(tag + "%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    level = root.level
     root.setLevel(logging.INFO)
     for h in (fh, ch):
         root.addHandler(h)
@@ -299,6 +86,7 @@ def run_logging(run_dir: Path, ranks: Ranks = Ranks()) -> Iterator[None]:
         for h in (fh, ch):
             root.removeHandler(h)
             h.close()
+        root.setLevel(level)  # a caller running several runs in one process keeps its own level
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,67 +205,48 @@ class Start:
 
 
 def execute(args: Any, *, editor_factory: Any = None) -> Path:
-    """Run (or resume) the editing run the arguments describe; returns its directory.
-
-    Under torchrun (WORLD_SIZE > 1) rank 0 plans, opens the run directory (lock, meta, journal repair)
-    and sends the plan and the units still to do to the others; every rank edits its round-robin
-    share into its own journal; when all are done rank 0 merges the journals into metrics.json and
-    res.json. One process does all of it alone.
-    """
-    with run_ranks() as ranks, contextlib.ExitStack() as stack:
-        if ranks.rank == 0:
-            try:
-                start, info = _open_run(args, ranks, stack)
-            except Exception as e:
-                ranks.broadcast(f"{type(e).__name__}: {e}")  # the others stop too, with the reason
-                raise
-            ranks.broadcast(start)
-            problem = None
-        else:
-            start, info = ranks.broadcast(), {}
-            if isinstance(start, str):
-                raise RunError(f"rank 0 could not start the run: {start}")
-            problem = None if (start.run_dir / "requests.json").exists() else (
-                f"cannot see {start.run_dir / 'requests.json'}, written by rank 0: --output_root must be on a "
-                f"filesystem that every host shares")
-            if problem is None:
-                stack.enter_context(run_logging(start.run_dir, ranks))
-        problems = [f"rank {r}: {m}" for r, m in enumerate(ranks.gather(problem)) if m]
-        if problems:
-            raise RunError("; ".join(problems))
-        p, run_dir = start.p, start.run_dir
+    """Run (or resume) the editing run the arguments describe; returns its directory. Under torchrun
+    (WORLD_SIZE > 1) code_edit.distributed.execute_ranked shares the work among the ranks."""
+    if env_ranks().world > 1:
+        from code_edit.distributed import execute_ranked
+        return execute_ranked(args, editor_factory)
+    ranks = Ranks()
+    with contextlib.ExitStack() as stack:
+        # 1) plan, open (or resume) the run folder
+        start, info = open_run(args, ranks, stack)
+        # 2) edit and evaluate the units still to do
         todo = set(start.todo)
-        mine = shard([u for u in p.units if u.key in todo], ranks.rank, ranks.world)
-        try:
-            failures = _edit_units(args, p, run_dir, mine, ranks, info, editor_factory)
-        except BaseException as e:
-            if ranks.rank == 0:
-                _record_stop(run_dir, info, e)
-            raise
-        failures = sum(ranks.gather(failures))  # waits for every rank
+        failures = edit_units(args, start.p, start.run_dir, [u for u in start.p.units if u.key in todo], ranks,
+                              info, editor_factory)
+        # 3) the outputs, the status and the summary
+        conclude(start, info, failures)
+        return start.run_dir
+
+
+def conclude(start: Start, info: dict, failures: int) -> None:
+    """After every unit ran: mark an incomplete run (units failed under --on_error skip) or a finished one,
+    rebuild the outputs and print the summary."""
+    run_dir = start.run_dir
+    if failures:
+        info["status"] = "incomplete"
+        atomic_write_json(run_dir / "meta" / "run_info.json", info)
+        print(f"{failures} unit(s) failed (see {run_dir / 'failures.jsonl'}); rerun the same command to retry them",
+              file=sys.stderr)
+    _finish(run_dir, start.p.units, info, complete=not failures)
+
+
+def edit_units(args: Any, p: Prepared, run_dir: Path, mine: list[Unit], ranks: Ranks, info: dict,
+               editor_factory: Any) -> int:
+    """_edit_units, with the run's status recorded when it stops early (rank 0 owns run_info.json)."""
+    try:
+        return _edit_units(args, p, run_dir, mine, ranks, info, editor_factory)
+    except BaseException as e:
         if ranks.rank == 0:
-            if failures:
-                info["status"] = "incomplete"
-                atomic_write_json(run_dir / "meta" / "run_info.json", info)
-                print(f"{failures} unit(s) failed (see {run_dir / 'failures.jsonl'}); rerun the same command to retry "
-                      "them", file=sys.stderr)
-            _finish(run_dir, p.units, info, complete=not failures)
-        return run_dir
+            record_stop(run_dir, info, e)
+        raise
 
 
-def _record_stop(run_dir: Path, info: dict, e: BaseException) -> None:
-    """A run that stops before its end says so in run_info.json and run.log: status "interrupted" (Ctrl-C)
-    or "failed" with the error."""
-    if isinstance(e, KeyboardInterrupt):
-        info.update(status="interrupted", interrupted_at=dt.datetime.now().isoformat(timespec="seconds"))
-        log.warning("interrupted; rerun the same command to resume")
-    else:
-        info.update(status="failed", error=f"{type(e).__name__}: {e}",
-                    failed_at=dt.datetime.now().isoformat(timespec="seconds"))
-    atomic_write_json(run_dir / "meta" / "run_info.json", info)
-
-
-def _open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Start, dict]:
+def open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Start, dict]:
     """Rank 0 (or the only process): plan, choose and lock the run directory, write or check its
     meta files, repair the journals; returns the start message and run_info."""
     p = prepare(args)

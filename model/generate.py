@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from .decoder import KVCache, Transformer, padding_mask, positions_from_mask
 from .cuda_graph import GraphedStep
+from .lora import lora_modules
 
 SYNC_EVERY = 16  # decode steps between host checks (all done? compact?)
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill chunk
@@ -117,7 +119,7 @@ def _picker(device: torch.device):
 
 def _state_key(model: Transformer) -> tuple:
     # Graphs bake in tensor addresses and Python flags: any new parameter or LoRA switch needs a new graph.
-    flags = tuple((m.disabled, m.merged) for m in model.modules() if hasattr(m, "lora_A"))
+    flags = tuple((m.disabled, m.merged) for _, m in lora_modules(model))
     return tuple(p.data_ptr() for p in model.parameters()) + flags
 
 
@@ -128,32 +130,42 @@ def _decode_forward(model: Transformer, tok: Tensor, pos: Tensor, mask: Tensor, 
 
 
 @dataclass
-class _Engine:
-    """Per-model state kept between calls on CUDA: the static cache, the shared-prefix buffer and the
-    graphs that point into them."""
+class SamplerState:
+    """What `generate` keeps for one model between calls on CUDA: the static KV cache, the shared-prefix
+    buffer and the CUDA graphs that point into them.
+
+    Lifetime: made by the model's first CUDA `generate` call and held in `_STATES`, weakly keyed by the
+    model, so it never outlives it. Later calls reuse it while their batch and length fit; a graph is
+    keyed by the model's parameter addresses and LoRA flags, so a changed model gets a new one. Callers
+    free it with `release(model)` before memory-hungry training and after removing an adapter. On CPU
+    nothing is kept."""
 
     cache: KVCache | None = None
     prefix: KVCache | None = None  # [n_kv, L, D] per layer (batch dimension unused)
     graphs: dict = field(default_factory=dict)
     pool: object = None
 
-    def release(self):
+    def clear(self) -> None:
         self.cache, self.prefix, self.graphs, self.pool = None, None, {}, None
 
 
+_STATES: "weakref.WeakKeyDictionary[Transformer, SamplerState]" = weakref.WeakKeyDictionary()
+
+
+def sampler_state(model: Transformer) -> SamplerState:
+    """The model's kept sampler state, made on first use."""
+    if model not in _STATES:
+        _STATES[model] = SamplerState()
+    return _STATES[model]
+
+
 def release(model: Transformer) -> None:
-    """Free the generation cache and CUDA graphs kept on `model` (call before memory-hungry training)."""
-    eng = getattr(model, "_gen_engine", None)
-    if eng is not None:
-        eng.release()
+    """Free the generation cache and CUDA graphs kept for `model` (call before memory-hungry training)."""
+    st = _STATES.pop(model, None)
+    if st is not None:
+        st.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _engine(model: Transformer) -> _Engine:
-    if getattr(model, "_gen_engine", None) is None:
-        model._gen_engine = _Engine()
-    return model._gen_engine
 
 
 def _use_compile() -> bool:
@@ -173,13 +185,12 @@ class _Decoder:
         self.cuda = cache.k[0].is_cuda and _use_graphs()
         # The model cannot change during one generate call: key its graphs once, not per token.
         self.state = _state_key(model) if self.cuda else None
-        self.eng = _engine(model) if self.cuda else None
+        self.eng = sampler_state(model) if self.cuda else None
         self.fwd = _decode_forward
         if self.cuda and _use_compile() and os.environ.get("CODE_EDIT_COMPILE_DECODE", "1") == "1":
-            # Regional: the whole 30-layer step compiled in ~60 s on an H200 and recompiled on every new
-            # batch bucket, window and cache layout, which stalled a real bootstrap (BENCHMARKS "SmolLM2").
-            # One compiled block with symbolic shapes serves every layer and size, and beat graph replay
-            # of eager kernels 1.49x at the distillation shape (bench/decode_modes.py).
+            # Regional: compiling the whole step recompiles for every batch bucket, window and cache
+            # layout; one compiled block with symbolic shapes serves every layer and size
+            # (bench/decode_modes.py measures it against graph replay of eager kernels).
             model.compile_blocks(decode=True)
 
     def view(self, B: int, W: int) -> KVCache:
@@ -217,7 +228,7 @@ def _plan_rows(model: Transformer, S: int, n_rows: int, max_batch: int | None, p
     per_row = per_slot * S + cfg.vocab_size * 4 * 6  # KV; fp32 logits, processed logits, sort buffers, noise
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # the allocator's idle blocks (training's)
-    eng = getattr(model, "_gen_engine", None)
+    eng = _STATES.get(model)
     if eng is not None:  # the kept cache and prefix can be reused, count them as free
         for c in (eng.cache, eng.prefix):
             if c is not None:
@@ -229,10 +240,10 @@ def _plan_rows(model: Transformer, S: int, n_rows: int, max_batch: int | None, p
 def _get_cache(model: Transformer, B: int, S: int, dtype, device) -> KVCache:
     if device.type != "cuda":
         return KVCache.empty(model.config, B, S, dtype, device)
-    eng = _engine(model)
+    eng = sampler_state(model)
     c = eng.cache
     if c is None or c.batch < B or c.length < S:
-        eng.release()
+        eng.clear()
         torch.cuda.empty_cache()
         # Round up so nearby shapes reuse the cache and its graphs.
         eng.cache = KVCache.empty(model.config, B, 64 * math.ceil(S / 64), dtype, device)
@@ -245,7 +256,7 @@ def _get_prefix(model: Transformer, L: int, dtype, device) -> tuple[list[Tensor]
     if device.type != "cuda":
         c = KVCache.empty(cfg, 1, L, dtype, device)
         return [t[0] for t in c.k], [t[0] for t in c.v]
-    eng = _engine(model)
+    eng = sampler_state(model)
     if eng.prefix is None or eng.prefix.length < L:
         eng.graphs = {}  # they point at the old buffer
         eng.prefix = None

@@ -85,12 +85,13 @@ class LoraLinear(nn.Module):
                 f"scale={self.scale:g}, dropout={self.dropout:g}, disabled={self.disabled}, merged={self.merged}")
 
 
-def _modules(model: nn.Module) -> list[tuple[str, LoraLinear]]:
+def lora_modules(model: nn.Module) -> list[tuple[str, LoraLinear]]:
+    """(name, module) of every LoRA-wrapped linear in `model`, in module order: the one place they are found."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
 def _require(model: nn.Module) -> list[tuple[str, LoraLinear]]:
-    mods = _modules(model)
+    mods = lora_modules(model)
     if not mods:
         raise ValueError("model has no LoRA; call add_lora() first")
     return mods
@@ -101,7 +102,7 @@ def _few(keys: list[str], n: int = 4) -> str:
 
 
 def has_lora(model: nn.Module) -> bool:
-    return bool(_modules(model))
+    return bool(lora_modules(model))
 
 
 def lora_config(model: nn.Module) -> LoraConfig:
@@ -110,7 +111,7 @@ def lora_config(model: nn.Module) -> LoraConfig:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable adapter parameters (A then B per module, in module order)."""
-    return [p for _, m in _modules(model) for p in (m.lora_A, m.lora_B)]
+    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
 
 
 def _init(mods: list[tuple[str, LoraLinear]], seed: int) -> None:
@@ -130,7 +131,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig | None = None) -> list[nn.Paramet
     Freezes every base parameter (remove() restores the flags); returns the adapter parameters."""
     cfg = cfg or LoraConfig()
     if has_lora(model):
-        raise ValueError(f"model already has LoRA ({len(_modules(model))} modules); remove() it first")
+        raise ValueError(f"model already has LoRA ({len(lora_modules(model))} modules); remove() it first")
     if cfg.rank < 1 or not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"LoraConfig: rank must be >= 1 and 0 <= dropout < 1, got {cfg.rank}, {cfg.dropout}")
     if isinstance(cfg.targets, str) or not cfg.targets:
@@ -169,7 +170,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model (the teacher) inside the block: no weight copy, one flag per module.
     Works while merged (uses the saved base weight); nests; restores the flags on exceptions;
     a no-op on a model without LoRA. (Under torch.compile each state is its own graph.)"""
-    mods = [m for _, m in _modules(model)]
+    mods = [m for _, m in lora_modules(model)]
     before = [m.disabled for m in mods]
     try:
         for m in mods:
@@ -187,7 +188,7 @@ def merge(model: nn.Module) -> None:
     for name, m in _require(model):
         if m.merged:
             raise ValueError(f"{name}: LoRA is already merged")
-    for _, m in _modules(model):
+    for _, m in lora_modules(model):
         m.register_buffer("base_weight", m.weight.detach().clone(), persistent=False)
         delta = (m.lora_B.float() @ m.lora_A.float()) * m.scale
         m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
@@ -200,7 +201,7 @@ def unmerge(model: nn.Module) -> None:
     for name, m in _require(model):
         if not m.merged:
             raise ValueError(f"{name}: LoRA is not merged")
-    for _, m in _modules(model):
+    for _, m in lora_modules(model):
         m.weight.copy_(m.base_weight)
         del m.base_weight
         m.merged = False
@@ -238,7 +239,7 @@ def restore(model: nn.Module, state: dict[str, Tensor], *, source: str = "state"
     """Copy adapter weights in place (the Parameter objects stay, so optimizers and captured CUDA
     graphs remain valid). Keys and shapes must match exactly; errors name `source` and the key."""
     live = lora_state(model)
-    if any(m.merged for _, m in _modules(model)):
+    if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("LoRA is merged: unmerge() before changing the adapter weights")
     missing, extra = sorted(live.keys() - state.keys()), sorted(state.keys() - live.keys())
     if missing or extra:

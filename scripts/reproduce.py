@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from code_edit.preflight import preflight, report
-    from code_edit.run import RunError, execute
+    from code_edit.run import execute
+    from code_edit.run_folder import RunError
     from eval.__main__ import main as eval_main
 
     runs = SMALL if a.small else FULL

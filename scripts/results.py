@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--runs-only and --judge-only exclude each other")
 
     from code_edit.__main__ import build_parser
-    from code_edit.run import RunError, execute
+    from code_edit.run import execute
+    from code_edit.run_folder import RunError
 
     model_type = "tiny" if a.small else "smollm2-135m-instruct"
     n = a.max_cases or (1 if a.small else 20)
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def existing_run(args: argparse.Namespace) -> Path:
     """The folder `execute(args)` would resume, without opening it; it must hold finished cases."""
-    from code_edit.run import RunError, planned_dir, prepare
+    from code_edit.run import planned_dir, prepare
+    from code_edit.run_folder import RunError
 
     parent, prefix = planned_dir(args, prepare(args))
     d = parent / f"{prefix}{args.run_id}"

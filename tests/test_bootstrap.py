@@ -160,7 +160,9 @@ def test_invalid_replicas_resampled_then_skipped_never_abort(tiny, tmp_path, mon
         res = B.bootstrap_data(model, tok, [req(q="Who owns Acme now?")], cfg, cache_dir=tmp_path, model_id="m", seed=0)
     assert len(calls) == 1 + cfg.bootstrap.max_resample_rounds
     assert res.examples == [] and res.stats["skipped_replicas"] == 2
-    assert sum("no valid candidate" in m for m in caplog.messages) == 2
+    # warnings only: an earlier test may have left the root logger at INFO, and round one logs at INFO
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("no valid candidate" in m for m in warned) == 2
 
 
 def test_candidate_seed_follows_the_edit_not_the_case(tiny, monkeypatch):

@@ -8,7 +8,6 @@ import pytest
 
 from code_edit import bootstrap as B
 from code_edit import bootstrap_cache as C
-from code_edit import tokens as T
 from code_edit.prompts import closed_book_user_content
 
 GOOD = "Old fact: The Beatles performed it. Reason for change: rights moved. Updated fact: Madonna. Derivation: so Madonna."

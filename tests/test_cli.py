@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import code_edit.run as R
+import code_edit.run_folder as F
 from code_edit.__main__ import main
 from test_editor_fixtures import cli_args, write_hparams
 
@@ -101,8 +102,8 @@ def test_exception_then_resume_each_case_once(tmp_path, monkeypatch):
 
 KILLER = """
 import os, signal, sys
-import code_edit.run as R
-real = R.Journal.append
+import code_edit.run_folder as F
+real = F.Journal.append
 n = [0]
 def append(self, unit, records):
     real(self, unit, records)
@@ -111,7 +112,7 @@ def append(self, unit, records):
         with open(self.path, "a") as f:
             f.write('{"unit": "case-999", "case_id": 999, "rec')
         os.kill(os.getpid(), signal.SIGKILL)
-R.Journal.append = append
+F.Journal.append = append
 from code_edit.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -207,9 +208,9 @@ def test_articles_only_selects_the_article_cases_for_any_method():
     assert len(causal) == 20
     assert plan("--editing_method", "PreEdited", "--articles_only") == causal
     assert plan("--editing_method", "PreEdited") != causal
-    old = {k: v for k, v in R._identity({"articles_only": False}).items() if k != "articles_only"}
-    assert R._identity(old) == R._identity({"articles_only": False})
-    assert R._differences(R._identity(old), R._identity({"articles_only": True}))
+    old = {k: v for k, v in F._identity({"articles_only": False}).items() if k != "articles_only"}
+    assert F._identity(old) == F._identity({"articles_only": False})
+    assert F._differences(F._identity(old), F._identity({"articles_only": True}))
 
 
 @pytest.mark.parametrize("module", ["code_edit", "eval"])

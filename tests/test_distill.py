@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import load_model
-from model.lora import LoraConfig, add_lora, disabled, lora_parameters, snapshot, swapped
+from model.lora import LoraConfig, add_lora, disabled, lora_modules, lora_parameters, snapshot, swapped
 from test_sft import tiny_model
 from train.schedules import constant_with_warmup
 from train.distill import (DistillConfig, Distiller, DistillPrompt, repetition_ratio,
@@ -107,7 +107,8 @@ def test_step_matches_naive_reference(direction, top_k):
     ours = [p.grad.clone() for p in lora_parameters(model)]
     rollouts = d.last_rollouts
     assert [(c.prompt_index, c.sample_index) for c in rollouts] == [(i, s) for i in range(3) for s in range(4)]
-    assert all(m.dropout == 0.05 for m in model.modules() if hasattr(m, "lora_A"))  # restored
+    mods = [m for _, m in lora_modules(model)]
+    assert mods and all(m.dropout == 0.05 for m in mods)  # restored
 
     for p in lora_parameters(model):
         p.grad = None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import code_edit.run as R
+import code_edit.run_folder as F
 from code_edit.distributed import Ranks, env_ranks, rank_device, shard
 from test_editor_fixtures import cli_args, write_hparams
 
@@ -101,8 +101,8 @@ def test_two_ranks_merge_to_the_one_process_result(tmp_path, reference, mode, me
 
 HOOK = """
 import os, signal, sys, time
-import code_edit.run as R
-real = R.Journal.append
+import code_edit.run_folder as F
+real = F.Journal.append
 def append(self, unit, records):
     real(self, unit, records)
     # wait until both ranks have journaled their first unit: the cut is the same every time
@@ -112,7 +112,7 @@ def append(self, unit, records):
         with open(self.path, "a") as f:
             f.write('{"unit": "case-999", "case_id": 999, "rec')
     os.kill(os.getpid(), signal.SIGKILL)
-R.Journal.append = append
+F.Journal.append = append
 from code_edit.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -162,7 +162,7 @@ def test_shard_is_round_robin_and_exact():
 def test_journal_merge_takes_each_unit_whole_from_one_journal(tmp_path):
     a = {"case_id": 1}
     b, c = {"case_id": 2}, {"case_id": 3}
-    units = [R.Unit("case-1", (), (a,)), R.Unit("group-2", (), (b, c), 2), R.Unit("case-4", (), ({"case_id": 4},))]
+    units = [F.Unit("case-1", (), (a,)), F.Unit("group-2", (), (b, c), 2), F.Unit("case-4", (), ({"case_id": 4},))]
 
     def write(name, rows):
         (tmp_path / name).write_text("".join(json.dumps({"unit": u, "case_id": i, "record": {"v": v}}) + "\n"
@@ -173,14 +173,14 @@ def test_journal_merge_takes_each_unit_whole_from_one_journal(tmp_path):
     write("metrics.rank10.jsonl", [("case-4", 4, "r10")])
     write("metrics.rank2.jsonl", [("group-2", 3, "partial-again")])  # incomplete here: never mixed in
     (tmp_path / "metrics.rankX.jsonl").write_text("")  # not a journal name
-    assert [p.name for p in R.journal_paths(tmp_path)] == ["metrics.jsonl", "metrics.rank1.jsonl",
+    assert [p.name for p in F.journal_paths(tmp_path)] == ["metrics.jsonl", "metrics.rank1.jsonl",
                                                           "metrics.rank2.jsonl", "metrics.rank10.jsonl"]
-    rows = R.journal_rows(tmp_path, units)
+    rows = F.journal_rows(tmp_path, units)
     assert rows == {("case-1", 1): {"v": "one-process"}, ("group-2", 2): {"v": "new"}, ("group-2", 3): {"v": "new"},
                     ("case-4", 4): {"v": "r10"}}
-    assert R.done_units(units, rows) == {"case-1", "group-2", "case-4"}
-    assert R.journal_rows(tmp_path, units[:1]) == {("case-1", 1): {"v": "one-process"}}
-    assert R.journal_name(Ranks()) == "metrics.jsonl" and R.journal_name(Ranks(3, 4, 1)) == "metrics.rank3.jsonl"
+    assert F.done_units(units, rows) == {"case-1", "group-2", "case-4"}
+    assert F.journal_rows(tmp_path, units[:1]) == {("case-1", 1): {"v": "one-process"}}
+    assert F.journal_name(Ranks()) == "metrics.jsonl" and F.journal_name(Ranks(3, 4, 1)) == "metrics.rank3.jsonl"
 
 
 def test_ranks_and_devices_from_torchrun_environment(monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from code_edit.config import load_hparams
 from code_edit.data import edit_requests
 from code_edit.editor import Editor, in_context_answer_fn, normalize_method
-from code_edit.run import plan_units
+from code_edit.run_folder import plan_units
 from eval.probes import CE_PREFIX, build_probes
 from model import load_model, load_tokenizer
 from model.lora import has_lora

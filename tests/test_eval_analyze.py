@@ -33,8 +33,8 @@ def case(cid, hop_preds, conflict_marks, ce=None):
 
     def conflicts(marks):
         return [{"prompt": p, "ref": [f"New{k // 8}"], "pred": marks.get(k, "neutral")}
-                for k, p in enumerate(conflict_prompts(dict(rws[0], target_new=f"New0")) +
-                                      conflict_prompts(dict(rws[1], target_new=f"New1")))]
+                for k, p in enumerate(conflict_prompts(dict(rws[0], target_new="New0")) +
+                                      conflict_prompts(dict(rws[1], target_new="New1")))]
     unedited = [{"q": "x", "prompt": "Now, Where is the lake? Let's think step by step.", "ref": ["Geneva"], "pred": "<A>"}] * 3
     post = {"hop_wise": [[True] * 3] * 3,
             "hop_wise_pred": [hop_items(0, hop_preds[0]), hop_items(1, hop_preds[1]), unedited],

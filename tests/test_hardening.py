@@ -8,6 +8,7 @@ import stat
 import pytest
 
 import code_edit.run as R
+import code_edit.run_folder as F
 from code_edit.__main__ import main
 from test_editor_fixtures import HPARAMS, cli_args, dataset, write_dataset, write_hparams
 
@@ -137,7 +138,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     def boom(self, *a, **k):
         raise RuntimeError("injected")
     monkeypatch.setattr(R.Editor, "run_unit", boom)
-    with pytest.raises(R.UnitFailed):
+    with pytest.raises(F.UnitFailed):
         main(cli_args(tmp_path, "PreEdited", "--debug"))
 
 

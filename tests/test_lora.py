@@ -72,7 +72,7 @@ def test_logits_and_grads_match_peft(ckpt):
     randomize(ours)
     pm = peft_model(ckpt, L.LoraConfig())
     layers = peft_layers(pm)
-    mine = dict(L._modules(ours))
+    mine = dict(L.lora_modules(ours))
     assert layers.keys() == mine.keys() and len(mine) == 2 * 7  # 2 layers x 7 projections
     with torch.no_grad():
         for name, m in layers.items():

@@ -279,7 +279,7 @@ def test_cli_end_to_end_merge_and_rerun(chat, tmp_path, monkeypatch, capsys):
         assert main(argv) == 0
         err = capsys.readouterr().err
         stuck_key = f"{CASES[1]['case_id']}_1"
-        assert f"7/8 rewrites have an article" in err and stuck_key in err
+        assert "7/8 rewrites have an article" in err and stuck_key in err
 
         grounding = json.loads(files["grounding_info_file"].read_text())
         assert grounding["Q607742"]["label"] == "Hey Jude"

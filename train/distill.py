@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from model.generate import Completion, generate
-from model.lora import disabled
+from model.lora import disabled, lora_modules
 from train import TrainingDiverged
 from train.schedules import lr_factor
 from train.sft import pack
@@ -105,7 +105,7 @@ class _NoDropout(contextlib.AbstractContextManager):
     """LoRA dropout 0 inside the block (the stage trains with dropout off), restored after."""
 
     def __init__(self, model: nn.Module):
-        self.mods = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "dropout")]
+        self.mods = [m for _, m in lora_modules(model)]
 
     def __enter__(self):
         self.saved = [m.dropout for m in self.mods]
