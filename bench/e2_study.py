@@ -1,6 +1,7 @@
 """Issue E2's study: which changes make CausalEdit edit SmolLM2-135M. Arms are hparams files under
 bench/study/e2/ (each extends smollm2-135m-instruct); every arm edits the same MQuAKE-hard article cases.
-    GPU:  python bench/e2_study.py run --arms sft-lr,sft-lr_in-context --cases 10   (arms run in parallel)
+    GPU:  python bench/e2_study.py run --arms sft-lr,answer-line --cases 10   (arms run in parallel)
+          python bench/e2_study.py run --arms sft-lr_answer-line --skip 10 --cases 10   (cases 11-20)
           python bench/e2_study.py teacher --cases 10     the open-book teacher's answers to the same probes
     CPU:  python bench/e2_study.py report --cases 10      strict H-Acc, M-Acc, SRR and teacher agreement
 State lives in .gpu_state/ (bench/gpu_job.sh packs it): runs under .gpu_state/study/, the bootstrap
@@ -26,13 +27,16 @@ RESULTS = STATE / "results" / "MQuAKE-hard" / "smollm2-135m-instruct"
 FORMS = ("system_sheet", "in_context")
 
 
-def arm_argv(arm: str, cases: int) -> list[str]:
+def arm_argv(arm: str, cases: int, skip: int = 0) -> list[str]:
+    """The arm's run. Each case's seeds come from its own id, so cases 11-20 run as `--skip 10 --cases 10`
+    (their own folder) give the same records as one 20-case run, and the report joins the folders."""
     return ["--editing_method", "CausalEdit", "--datatype", "MQuAKE-hard", "--hparams_path",
-            str(ARMS / f"{arm}.toml"), "--max_cases", str(cases), "--articles_only", "--output_root", str(STUDY),
-            "--run_id", "study", "--cache_dir", str(STATE / "cache")]
+            str(ARMS / f"{arm}.toml"), "--max_cases", str(cases), "--skip_cases", str(skip), "--articles_only",
+            "--output_root", str(STUDY), "--run_id", "study" if skip == 0 else f"study-skip{skip}",
+            "--cache_dir", str(STATE / "cache")]
 
 
-def run_arms(arms: list[str], cases: int, stagger: float) -> int:
+def run_arms(arms: list[str], cases: int, skip: int, stagger: float) -> int:
     """Start every arm as its own process (the first alone for `stagger` seconds, so that the others find
     its torch.compile cache), then wait for all; logs in /tmp/e2_<arm>.log."""
     procs = {}
@@ -41,7 +45,7 @@ def run_arms(arms: list[str], cases: int, stagger: float) -> int:
             print(f"error: no arm {arm} ({ARMS / (arm + '.toml')})", file=sys.stderr)
             return 2
         log = open(f"/tmp/e2_{arm}.log", "a")
-        procs[arm] = subprocess.Popen([sys.executable, "-m", "code_edit", *arm_argv(arm, cases)], cwd=ROOT,
+        procs[arm] = subprocess.Popen([sys.executable, "-m", "code_edit", *arm_argv(arm, cases, skip)], cwd=ROOT,
                                       stdout=log, stderr=subprocess.STDOUT)
         print(f"started {arm} (pid {procs[arm].pid})", flush=True)
         if i == 0 and len(arms) > 1:
@@ -70,7 +74,11 @@ def run_folder(method_dir: Path) -> Path:
     return found[0]
 
 
-def teacher_probes(case: dict, form: str, articles: str) -> list[dict]:
+def teacher_file(form: str, articles: str, answer_line: bool) -> Path:
+    return STUDY / f"teacher_{form}_{articles}{'_answer-line' if answer_line else ''}.jsonl"
+
+
+def teacher_probes(case: dict, form: str, articles: str, answer_line: bool = False) -> list[dict]:
     """The open-book teacher's conversation for every hop-wise probe of an edited hop: the arm's teacher
     prompt (code_edit.prompts.teacher_messages) around the probe's question."""
     from code_edit.internalize import _teacher_articles
@@ -91,13 +99,14 @@ def teacher_probes(case: dict, form: str, articles: str) -> list[dict]:
             continue
         q = reqs[r]
         msgs = teacher_messages(q.question, p.prompt, old_answer=q.old_answer, new_answer=q.new_answer,
-                                article=texts[r], form=form)
+                                article=texts[r], form=form, answer_line=answer_line)
         out.append({"case_id": case["case_id"], "hop": p.hop, "prompt": p.prompt, "refs": list(p.ref),
-                    "old_refs": list(p.old_ref or []), "form": form, "articles": articles, "messages": msgs})
+                    "old_refs": list(p.old_ref or []), "form": form, "articles": articles,
+                    "answer_line": answer_line, "messages": msgs})
     return out
 
 
-def teacher_answers(cases: int, combos: list[tuple[str, str]]) -> None:
+def teacher_answers(cases: int, combos: list[tuple[str, str, bool]]) -> None:
     """Greedy answers of the base model under each teacher prompt, with the evaluation's decoding."""
     from code_edit.config import load_hparams
     from eval.probes import GenConfig, model_chat_fn
@@ -109,15 +118,15 @@ def teacher_answers(cases: int, combos: list[tuple[str, str]]) -> None:
     gen = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                     repetition_penalty=cfg.eval.repetition_penalty, seed=0)
     chat = model_chat_fn(model, tok, gen)
-    for form, articles in combos:
-        rows = [r for c in dev_cases(cases) for r in teacher_probes(c, form, articles)]
+    for form, articles, answer_line in combos:
+        rows = [r for c in dev_cases(cases) for r in teacher_probes(c, form, articles, answer_line)]
         t0 = time.perf_counter()
         preds = chat([r["messages"] for r in rows])
-        out = STUDY / f"teacher_{form}_{articles}.jsonl"
+        out = teacher_file(form, articles, answer_line)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k != "messages"}, "pred": p},
                                           ensure_ascii=False) + "\n" for r, p in zip(rows, preds)))
-        print(f"teacher {form}/{articles}: {len(rows)} answers in {time.perf_counter() - t0:.1f} s -> {out}")
+        print(f"teacher {out.stem}: {len(rows)} answers in {time.perf_counter() - t0:.1f} s -> {out}")
 
 
 # ---------------------------------------------------------------------------- the report (CPU)
@@ -126,9 +135,15 @@ BASELINES = ("PreEdited", "InContext", "LoRA", "CaKE")
 LEAK_WORDS = ("article", "passage", "document", "the text", "the report")
 
 
-def dev_records(folder: Path, ids: list[int]) -> list[dict]:
-    keep = set(ids)
-    return [r for r in json.loads((folder / "metrics.json").read_text()) if r["case_id"] in keep]
+def dev_records(method_dir: Path, ids: list[int]) -> list[dict]:
+    """The records of cases `ids` from every seed-70 run folder under `method_dir` (the first folder that
+    holds a case gives it), in the order of `ids`."""
+    by_id: dict[int, dict] = {}
+    for folder in sorted(method_dir.glob("tag-*/n*_seed70_*")):
+        path = folder / "metrics.json"
+        for r in json.loads(path.read_text()) if path.exists() else []:
+            by_id.setdefault(r["case_id"], r)
+    return [by_id[i] for i in ids if i in by_id]
 
 
 def strict_numbers(records: list[dict], cases: list[dict]) -> dict:
@@ -157,11 +172,11 @@ def verdict_class(prompt: str, pred: str, refs: list[str], old_refs: list[str]) 
     return "new" if g.correct else "old" if g.asserts_old else "other"
 
 
-def teacher_agreement(records: list[dict], form: str, articles: str) -> dict | None:
+def teacher_agreement(records: list[dict], form: str, articles: str, answer_line: bool) -> dict | None:
     """On the hop-wise probes of edited hops: how often the closed-book student's committed answer (new /
     old / other, by the strict grader) is the open-book teacher's, and how often the student states the new
     answer where the teacher does."""
-    path = STUDY / f"teacher_{form}_{articles}.jsonl"
+    path = teacher_file(form, articles, answer_line)
     if not path.exists():
         return None
     teacher = {(r["case_id"], r["prompt"]): r for r in map(json.loads, path.read_text().splitlines())}
@@ -196,11 +211,11 @@ def report(cases: int, arms: list[str] | None) -> str:
 
     dev = dev_cases(cases)
     ids = [c["case_id"] for c in dev]
-    rows: list[tuple[str, Path, dict | None]] = [(m, run_folder(RESULTS / m), None) for m in BASELINES]
-    rows.append(("CausalEdit (paper)", run_folder(RESULTS / "CausalEdit"), load_hparams("smollm2-135m-instruct")))
+    rows: list[tuple[str, Path, dict | None]] = [(m, RESULTS / m, None) for m in BASELINES]
+    rows.append(("CausalEdit (paper)", RESULTS / "CausalEdit", load_hparams("smollm2-135m-instruct")))
     names = arms or sorted(p.name for p in (STUDY / "MQuAKE-hard").glob("*") if p.is_dir())
     for arm in names:
-        rows += [(arm, run_folder(STUDY / "MQuAKE-hard" / arm / "CausalEdit"), load_hparams(ARMS / f"{arm}.toml"))]
+        rows += [(arm, STUDY / "MQuAKE-hard" / arm / "CausalEdit", load_hparams(ARMS / f"{arm}.toml"))]
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}"
@@ -218,21 +233,19 @@ def report(cases: int, arms: list[str] | None) -> str:
             lines.append(f"| {name} | 0 | | | | | | | | | | | |")
             continue
         s = strict_numbers(recs, dev)
-        agr = teacher_agreement(recs, cfg.internalize.teacher_form, cfg.internalize.teacher_articles) if cfg else None
+        it = cfg.internalize if cfg else None
+        agr = teacher_agreement(recs, it.teacher_form, it.teacher_articles, it.teacher_answer_line) if it else None
         st = stage_means(recs)
         lines.append(f"| {name} | {s['cases']} | {pct(s['h_acc'])} | {pct(s['m_acc'])} | {pct(s['srr']['rate'])} | "
                      f"{s['asserted']['yes']}/{s['asserted']['total']} | {pct(agr and agr['agree'])} | "
                      f"{pct(agr and agr['student_new_where_teacher_new'])} | {pct(s['answer_line'])} | "
                      f"{pct(s['leak'])} | {s['median_words']} | {st.get('sft', 0):.0f} | {st.get('internalize', 0):.0f} |")
     teachers = []
-    for form, articles in (("system_sheet", "own"), ("in_context", "own"), ("in_context", "case")):
-        path = STUDY / f"teacher_{form}_{articles}.jsonl"
-        if path.exists():
-            t = [json.loads(x) for x in path.read_text().splitlines()]
-            t = [r for r in t if r["case_id"] in set(ids)]
-            new = sum(verdict_class(r["prompt"], r["pred"], r["refs"], r["old_refs"]) == "new" for r in t)
-            teachers.append(f"- teacher {form}/{articles}: states the new answer on {new} of {len(t)} probes "
-                            f"({pct(new / len(t) if t else None)}%)")
+    for path in sorted(STUDY.glob("teacher_*.jsonl")):
+        t = [r for r in map(json.loads, path.read_text().splitlines()) if r["case_id"] in set(ids)]
+        new = sum(verdict_class(r["prompt"], r["pred"], r["refs"], r["old_refs"]) == "new" for r in t)
+        teachers.append(f"- {path.stem}: states the new answer on {new} of {len(t)} probes "
+                        f"({pct(new / len(t) if t else None)}%)")
     if teachers:
         lines += ["", "The open-book teachers on the same probes:", *teachers]
     return "\n".join(lines) + "\n"
@@ -244,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--arms", required=True, help="comma-separated arm names (bench/study/e2/<arm>.toml)")
     r.add_argument("--cases", type=int, default=10)
+    r.add_argument("--skip", type=int, default=0, help="start after this many article cases (cases 11-20: --skip 10)")
     r.add_argument("--stagger", type=float, default=90.0)
     t = sub.add_parser("teacher")
     t.add_argument("--cases", type=int, default=10)
-    t.add_argument("--combos", default="system_sheet:own,in_context:own,in_context:case")
+    t.add_argument("--combos", default="system_sheet:own,in_context:own,in_context:case,system_sheet:own:answer-line,"
+                   "system_sheet:case:answer-line", help="form:articles[:answer-line], comma-separated")
     rep = sub.add_parser("report")
     rep.add_argument("--cases", type=int, default=10)
     rep.add_argument("--arms", default=None, help="default: every arm with a run folder")
@@ -255,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if a.cmd == "run":
-        return run_arms(a.arms.split(","), a.cases, a.stagger)
+        return run_arms(a.arms.split(","), a.cases, a.skip, a.stagger)
     if a.cmd == "teacher":
-        teacher_answers(a.cases, [tuple(c.split(":")) for c in a.combos.split(",")])
+        combos = [c.split(":") for c in a.combos.split(",")]
+        teacher_answers(a.cases, [(c[0], c[1], c[2:] == ["answer-line"]) for c in combos])
         return 0
     text = report(a.cases, a.arms.split(",") if a.arms else None)
     print(text)
