@@ -2,8 +2,10 @@
 bench/study/e2/ (each extends smollm2-135m-instruct); every arm edits the same MQuAKE-hard article cases.
     GPU:  python bench/e2_study.py run --arms sft-lr,answer-line --cases 10   (arms run in parallel)
           python bench/e2_study.py run --arms sft-lr_answer-line --skip 10 --cases 10   (cases 11-20)
+          python bench/e2_study.py run --arms sft-lr:0:10,sft-lr:10:5,sft-lr:15:5   (one process per range)
           python bench/e2_study.py teacher --cases 10     the open-book teacher's answers to the same probes
     CPU:  python bench/e2_study.py report --cases 10      strict H-Acc, M-Acc, SRR and teacher agreement
+          python bench/e2_study.py report --skip 10 --cases 10   the same on cases 11-20
 State lives in .gpu_state/ (bench/gpu_job.sh packs it): runs under .gpu_state/study/, the bootstrap
 cache shared with RESULTS.md's runs, so arms that change only SFT or distillation sample nothing.
 """
@@ -28,32 +30,47 @@ FORMS = ("system_sheet", "in_context")
 
 
 def arm_argv(arm: str, cases: int, skip: int = 0) -> list[str]:
-    """The arm's run. Each case's seeds come from its own id, so cases 11-20 run as `--skip 10 --cases 10`
-    (their own folder) give the same records as one 20-case run, and the report joins the folders."""
+    """The arm's run of article cases skip+1 .. skip+cases. The case list is cut to --max_cases before
+    --skip_cases drops its head, so max_cases is skip + cases. Each case's seeds come from its own id, so
+    cases 11-20 run as `--skip 10 --cases 10` (their own folder) give the records of one 20-case run, and
+    the report joins the folders."""
     return ["--editing_method", "CausalEdit", "--datatype", "MQuAKE-hard", "--hparams_path",
-            str(ARMS / f"{arm}.toml"), "--max_cases", str(cases), "--skip_cases", str(skip), "--articles_only",
-            "--output_root", str(STUDY), "--run_id", "study" if skip == 0 else f"study-skip{skip}",
+            str(ARMS / f"{arm}.toml"), "--max_cases", str(skip + cases), "--skip_cases", str(skip),
+            "--articles_only", "--output_root", str(STUDY), "--run_id", "study" if skip == 0 else f"study-skip{skip}",
             "--cache_dir", str(STATE / "cache")]
 
 
-def run_arms(arms: list[str], cases: int, skip: int, stagger: float) -> int:
-    """Start every arm as its own process (the first alone for `stagger` seconds, so that the others find
-    its torch.compile cache), then wait for all; logs in /tmp/e2_<arm>.log."""
+def parse_runs(arms: str, cases: int, skip: int) -> list[tuple[str, int, int]]:
+    """`ARM` or `ARM:SKIP:CASES`, comma-separated, into (arm, skip, cases); a bare ARM takes --skip/--cases.
+    One arm may appear with several ranges: each range is its own process."""
+    out = []
+    for spec in arms.split(","):
+        parts = spec.split(":")
+        if len(parts) not in (1, 3) or not all(x.isdigit() for x in parts[1:]):
+            raise ValueError(f"--arms entry {spec!r}: expected ARM or ARM:SKIP:CASES")
+        out.append((parts[0], int(parts[1]), int(parts[2])) if len(parts) == 3 else (parts[0], skip, cases))
+    return out
+
+
+def run_arms(runs: list[tuple[str, int, int]], stagger: float) -> int:
+    """Start every (arm, skip, cases) run as its own process (the first alone for `stagger` seconds, so that
+    the others find its torch.compile cache), then wait for all; logs in /tmp/e2_<arm>_<skip>.log."""
     procs = {}
-    for i, arm in enumerate(arms):
+    for i, (arm, skip, cases) in enumerate(runs):
         if not (ARMS / f"{arm}.toml").exists():
             print(f"error: no arm {arm} ({ARMS / (arm + '.toml')})", file=sys.stderr)
             return 2
-        log = open(f"/tmp/e2_{arm}.log", "a")
-        procs[arm] = subprocess.Popen([sys.executable, "-m", "code_edit", *arm_argv(arm, cases, skip)], cwd=ROOT,
-                                      stdout=log, stderr=subprocess.STDOUT)
-        print(f"started {arm} (pid {procs[arm].pid})", flush=True)
-        if i == 0 and len(arms) > 1:
+        name = f"{arm}_{skip}"
+        log = open(f"/tmp/e2_{name}.log", "a")
+        procs[name] = subprocess.Popen([sys.executable, "-m", "code_edit", *arm_argv(arm, cases, skip)], cwd=ROOT,
+                                       stdout=log, stderr=subprocess.STDOUT)
+        print(f"started {name} (pid {procs[name].pid})", flush=True)
+        if i == 0 and len(runs) > 1:
             time.sleep(stagger)
     rc = 0
-    for arm, p in procs.items():
+    for name, p in procs.items():
         code = p.wait()
-        print(f"{arm}: exit {code}", flush=True)
+        print(f"{name}: exit {code}", flush=True)
         rc = rc or code
     return rc
 
@@ -206,10 +223,10 @@ def stage_means(records: list[dict]) -> dict[str, float]:
     return out
 
 
-def report(cases: int, arms: list[str] | None) -> str:
+def report(cases: int, arms: list[str] | None, skip: int = 0) -> str:
     from code_edit.config import load_hparams
 
-    dev = dev_cases(cases)
+    dev = dev_cases(skip + cases)[skip:]
     ids = [c["case_id"] for c in dev]
     rows: list[tuple[str, Path, dict | None]] = [(m, RESULTS / m, None) for m in BASELINES]
     rows.append(("CausalEdit (paper)", RESULTS / "CausalEdit", load_hparams("smollm2-135m-instruct")))
@@ -219,7 +236,8 @@ def report(cases: int, arms: list[str] | None) -> str:
 
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}"
-    lines = [f"# E2 study, development split: the first {cases} MQuAKE-hard article cases ({', '.join(map(str, ids))})",
+    split = f"the first {cases}" if skip == 0 else f"cases {skip + 1}-{skip + cases} of the"
+    lines = [f"# E2 study: {split} MQuAKE-hard article cases ({', '.join(map(str, ids))})",
              "", "Strict grader (docs/grading.md). Teacher agreement: on the hop-wise probes of edited hops, the share "
              "where the closed-book student's committed answer (new / old / other) equals the open-book teacher's "
              "(the base model under the arm's teacher prompt, `bench/e2_study.py teacher`), and the share of the "
@@ -255,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--arms", required=True, help="comma-separated arm names (bench/study/e2/<arm>.toml)")
+    r.add_argument("--arms", required=True, help="comma-separated ARM or ARM:SKIP:CASES (bench/study/e2/<ARM>.toml)")
     r.add_argument("--cases", type=int, default=10)
     r.add_argument("--skip", type=int, default=0, help="start after this many article cases (cases 11-20: --skip 10)")
     r.add_argument("--stagger", type=float, default=90.0)
@@ -265,17 +283,23 @@ def main(argv: list[str] | None = None) -> int:
                    "system_sheet:case:answer-line", help="form:articles[:answer-line], comma-separated")
     rep = sub.add_parser("report")
     rep.add_argument("--cases", type=int, default=10)
+    rep.add_argument("--skip", type=int, default=0, help="report cases skip+1 .. skip+cases (the test split: --skip 10)")
     rep.add_argument("--arms", default=None, help="default: every arm with a run folder")
     rep.add_argument("--out", default=None, help="also write the report here")
     a = ap.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if a.cmd == "run":
-        return run_arms(a.arms.split(","), a.cases, a.skip, a.stagger)
+        try:
+            runs = parse_runs(a.arms, a.cases, a.skip)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return run_arms(runs, a.stagger)
     if a.cmd == "teacher":
         combos = [c.split(":") for c in a.combos.split(",")]
         teacher_answers(a.cases, [(c[0], c[1], c[2:] == ["answer-line"]) for c in combos])
         return 0
-    text = report(a.cases, a.arms.split(",") if a.arms else None)
+    text = report(a.cases, a.arms.split(",") if a.arms else None, a.skip)
     print(text)
     if a.out:
         Path(a.out).write_text(text, encoding="utf-8")

@@ -14,17 +14,19 @@
 # --runs-only (P7: 5 methods x 20 cases; the judges and RESULTS.md then run on the CPU machine, from the
 # unpacked state: `python scripts/results.py --judge-only --output_root .gpu_state/results --cache_dir
 # .gpu_state/cache`, which never edits there, so GPU time goes to edits only); all = p4, then results;
-# e2 = issue E2's study arms in parallel (bench/e2_study.py; E2_ARMS, E2_CASES) beside the teacher answers
-# (E2_TEACHERS).
+# e2 = issue E2's study runs in parallel, one process per ARM:SKIP:CASES range (bench/e2_study.py; E2_ARMS,
+# E2_STAGGER), beside the teacher answers of the first E2_TEACHER_CASES cases (E2_TEACHERS).
 # Every job resumes where its run folders stop; all share one bootstrap cache.
 set -u
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 P4=(python3 -m code_edit --editing_method CausalEdit --datatype MQuAKE-hard --model_type smollm2-135m-instruct
     --max_cases 5 --run_id h200 --output_root .gpu_state/out --cache_dir .gpu_state/cache)
 RESULTS=(python3 scripts/results.py --runs-only --output_root .gpu_state/results --cache_dir .gpu_state/cache)
-E2_ARMS=${E2_ARMS:-sft-lr_answer-line,answer-line,sft-lr,sft-lr_answer-line_case}
-E2_CASES=${E2_CASES:-10}
-E2_TEACHERS=${E2_TEACHERS:-system_sheet:own:answer-line,system_sheet:case:answer-line}
+# dev cases 7-10 of the front-runner, its test cases 11-20 in three ranges, the answer line alone on dev 1-6
+E2_ARMS=${E2_ARMS:-sft-lr_answer-line:0:10,sft-lr_answer-line:10:4,sft-lr_answer-line:14:3,sft-lr_answer-line:17:3,answer-line:0:3,answer-line:3:3}
+E2_STAGGER=${E2_STAGGER:-20}
+E2_TEACHER_CASES=${E2_TEACHER_CASES:-20}
+E2_TEACHERS=${E2_TEACHERS:-system_sheet:own:answer-line,system_sheet:own}
 case "$1" in
   start)
     [ -d .gpu_state ] || { [ -f bench/runs/gpu_state.tgz ] && tar xzf bench/runs/gpu_state.tgz; }
@@ -34,8 +36,8 @@ case "$1" in
       results) setsid nohup "${RESULTS[@]}" >> /tmp/gpu_job.log 2>&1 < /dev/null &;;
       all) setsid nohup bash -c "$(printf '%q ' "${P4[@]}") && $(printf '%q ' "${RESULTS[@]}")" \
              >> /tmp/gpu_job.log 2>&1 < /dev/null &;;
-      e2) setsid nohup bash -c "python3 bench/e2_study.py teacher --cases $E2_CASES --combos $E2_TEACHERS & \
-             python3 bench/e2_study.py run --arms $E2_ARMS --cases $E2_CASES; wait" \
+      e2) setsid nohup bash -c "python3 bench/e2_study.py teacher --cases $E2_TEACHER_CASES --combos $E2_TEACHERS & \
+             python3 bench/e2_study.py run --arms $E2_ARMS --stagger $E2_STAGGER; wait" \
              >> /tmp/gpu_job.log 2>&1 < /dev/null &;;
       *) echo "unknown job $2"; exit 2;;
     esac

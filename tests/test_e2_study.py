@@ -38,11 +38,30 @@ def test_arms_change_only_studied_keys():
                                                    "internalize.teacher_articles"}
 
 
-def test_arm_argv_keeps_skipped_halves_apart():
-    first, second = e2_study.arm_argv("sft-lr", 10), e2_study.arm_argv("sft-lr", 10, skip=10)
+def test_arm_argv_selects_the_asked_cases():
+    from code_edit.data import order_cases
+    cases = [{"case_id": i, "new_single_hops": [{}] * (2 + i % 3)} for i in range(30)]
     get = lambda argv, flag: argv[argv.index(flag) + 1]  # noqa: E731
+    whole = [c["case_id"] for c in order_cases(cases, max_cases=20)]
+
+    def picked(argv):
+        return [c["case_id"] for c in order_cases(cases, max_cases=int(get(argv, "--max_cases")),
+                                                  skip_cases=int(get(argv, "--skip_cases")))]
+    first, second = e2_study.arm_argv("sft-lr", 10), e2_study.arm_argv("sft-lr", 10, skip=10)
+    assert picked(first) == whole[:10] and picked(second) == whole[10:20]
+    assert picked(e2_study.arm_argv("sft-lr", 3, skip=14)) == whole[14:17]
     assert get(first, "--run_id") != get(second, "--run_id")
-    assert (get(first, "--skip_cases"), get(second, "--skip_cases")) == ("0", "10")
+
+
+def test_parse_runs_ranges_and_errors():
+    assert e2_study.parse_runs("a,b:10:4,a:14:3", 10, 0) == [("a", 0, 10), ("b", 10, 4), ("a", 14, 3)]
+    for bad in ("a:10", "a:x:3", "a:1:2:3"):
+        try:
+            e2_study.parse_runs(bad, 10, 0)
+        except ValueError as e:
+            assert bad in str(e)
+        else:
+            raise AssertionError(bad)
 
 
 def test_dev_records_join_folders_in_case_order(tmp_path):
