@@ -5,6 +5,7 @@ bench/study/e2/ (each extends smollm2-135m-instruct); every arm edits the same M
           python bench/e2_study.py run --arms sft-lr:0:10,sft-lr:10:5,sft-lr:15:5   (one process per range)
           python bench/e2_study.py teacher --cases 10     the open-book teacher's answers to the same probes
     CPU:  python bench/e2_study.py report --cases 10      strict H-Acc, M-Acc, SRR and teacher agreement
+          python bench/e2_study.py assemble                 the chosen arm's 20 cases as the preset's run
           python bench/e2_study.py report --skip 10 --cases 10   the same on cases 11-20
 State lives in .gpu_state/ (bench/gpu_job.sh packs it): runs under .gpu_state/study/, the bootstrap
 cache shared with RESULTS.md's runs, so arms that change only SFT or distillation sample nothing.
@@ -146,6 +147,70 @@ def teacher_answers(cases: int, combos: list[tuple[str, str, bool]]) -> None:
         print(f"teacher {out.stem}: {len(rows)} answers in {time.perf_counter() - t0:.1f} s -> {out}")
 
 
+# ---------------------------------------------------------------------------- the chosen preset's run folder
+
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def assemble(arm: str, preset: str) -> Path:
+    """The chosen arm's 20 cases, from its range folders, as the preset's own run folder beside RESULTS.md's
+    runs (`python -m code_edit --model_type PRESET ... --run_id results`), so scripts/results.py reports it
+    like any run. Every source folder's hparams must equal the preset's on the keys both have (folders made
+    before issue S1 removed dead keys have those extra), the final resume (code_edit.run.execute, which edits
+    nothing when every case is done) checks the folder's identity and cases, and meta/run_info.json names the
+    folders the records came from."""
+    from code_edit.__main__ import build_parser
+    from code_edit.run import _requests_json, execute, planned_dir, prepare
+    from code_edit.run_folder import Journal, RunError
+    from eval.files import append_jsonl, atomic_write_json, read_json
+
+    # 1) the preset's run, as scripts/results.py starts it
+    args = build_parser().parse_args(["--editing_method", "CausalEdit", "--datatype", "MQuAKE-hard", "--model_type",
+                                      preset, "--max_cases", "20", "--output_root", str(STATE / "results"),
+                                      "--run_id", "results", "--articles_only", "--cache_dir", str(STATE / "cache")])
+    p = prepare(args)
+    parent, prefix = planned_dir(args, p)
+    out = parent / f"{prefix}results"
+    if (out / "metrics.jsonl").exists():
+        raise RunError(f"{out} already holds a journal; remove it to assemble again")
+    # 2) every case's record from the arm's folders (the first folder that holds a case gives it)
+    folders = sorted((STUDY / "MQuAKE-hard" / arm / "CausalEdit").glob("tag-*/n*_seed70_*"))
+    rows: dict = {}
+    for f in folders:
+        for key, rec in Journal(f).rows().items():
+            rows.setdefault(key, (rec, f))
+    missing = [u.key for u in p.units if (u.key, u.cases[0]["case_id"]) not in rows]
+    if missing:
+        raise RunError(f"arm {arm}: no record of {', '.join(missing)} under {STUDY / 'MQuAKE-hard' / arm}")
+    used = sorted({str(rows[(u.key, u.cases[0]['case_id'])][1].relative_to(ROOT)) for u in p.units})
+    want = flat_keys(json.loads(json.dumps(p.cfg.to_dict())))
+    for f in used:
+        have = flat_keys(read_json(ROOT / f / "meta" / "run_info.json", "run_info.json")["hparams"])
+        diff = sorted(k for k in set(want) & set(have) if k != "name" and want[k] != have[k])
+        if diff:
+            raise RunError(f"{f}: its hparams differ from preset {preset} on {', '.join(diff)}")
+    # 3) meta files as code_edit.run.open_run writes them, then the journal in run order
+    first = read_json(folders[0] / "meta" / "run_info.json", "run_info.json")
+    run_args = {**vars(args), "editing_method": "CausalEdit", "model_type": preset, "exp_tag": p.exp_tag}
+    info = {"hparams": json.loads(json.dumps(p.cfg.to_dict())), "hparams_name": p.cfg.name, "method": "CausalEdit",
+            "model_source": p.cfg.model.source, "dtype": p.cfg.model.dtype, "eval_generation": first["eval_generation"],
+            "dataset": p.dataset, "started_at": first["started_at"], "git_commit": first.get("git_commit"),
+            "python": first.get("python"), "units_total": len(p.units), "status": "running",
+            "device": first.get("device"), "model_dtype": first.get("model_dtype"),
+            "device_name": first.get("device_name"), "assembled_from": used}
+    atomic_write_json(out / "meta" / "run_args.json", run_args)
+    atomic_write_json(out / "requests.json", _requests_json(p.units))
+    atomic_write_json(out / "meta" / "run_info.json", info)
+    append_jsonl(out / "metrics.jsonl", [{"unit": u.key, "case_id": u.cases[0]["case_id"],
+                                          "record": rows[(u.key, u.cases[0]["case_id"])][0]} for u in p.units])
+    # 4) the resume: identity checked, outputs rebuilt, status finished
+    return execute(args)
+
+
 # ---------------------------------------------------------------------------- the report (CPU)
 
 BASELINES = ("PreEdited", "InContext", "LoRA", "CaKE")
@@ -281,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--cases", type=int, default=10)
     t.add_argument("--combos", default="system_sheet:own,in_context:own,in_context:case,system_sheet:own:answer-line,"
                    "system_sheet:case:answer-line", help="form:articles[:answer-line], comma-separated")
+    asm = sub.add_parser("assemble", help="the chosen arm's 20 cases as the preset's run under .gpu_state/results")
+    asm.add_argument("--arm", default="sft-lr_answer-line")
+    asm.add_argument("--preset", default="smollm2-135m-instruct_edit")
     rep = sub.add_parser("report")
     rep.add_argument("--cases", type=int, default=10)
     rep.add_argument("--skip", type=int, default=0, help="report cases skip+1 .. skip+cases (the test split: --skip 10)")
@@ -298,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "teacher":
         combos = [c.split(":") for c in a.combos.split(",")]
         teacher_answers(a.cases, [(c[0], c[1], c[2:] == ["answer-line"]) for c in combos])
+        return 0
+    if a.cmd == "assemble":
+        print(assemble(a.arm, a.preset))
         return 0
     text = report(a.cases, a.arms.split(",") if a.arms else None, a.skip)
     print(text)

@@ -19,6 +19,7 @@ from eval.probes import normalize_answer
 
 DATATYPE = "MQuAKE-hard"
 METHODS = ("PreEdited", "CausalEdit")  # before, after
+GPU_PRESET = "smollm2-135m-instruct_edit"  # the embedded model's editing preset (docs/e2_study.md)
 RUN_ID = "demo"  # fixed: rerunning `make demo` after it finished only reprints the table
 SNIPPET = 38  # characters of each answer shown in the table
 
@@ -26,7 +27,8 @@ SNIPPET = 38  # characters of each answer shown in the table
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m code_edit.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo", help="hparams preset (default demo: reduced SmolLM2-135M)")
+    ap.add_argument("--preset", default=None, help="hparams preset (default: smollm2-135m-instruct_edit on a GPU, "
+                                                   "demo, its cut-down, on a CPU)")
     ap.add_argument("--smoke", action="store_true", help="CI smoke run: the tiny random model (preset tiny) on CPU")
     ap.add_argument("--cases", type=int, default=2, help="MQuAKE-hard cases with articles to edit (1-20, default 2)")
     ap.add_argument("--output_root", default="./output/demo")
@@ -36,9 +38,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.smoke:
         a.preset, a.device = "tiny", a.device or "cpu"
+    if a.preset is None:
+        a.preset = GPU_PRESET if on_gpu(a.device) else "demo"
     if not 1 <= a.cases <= 20:
         ap.error("--cases must be between 1 and 20 (MQuAKE-hard has 20 cases with articles)")
     return a
+
+
+def on_gpu(device: str | None) -> bool:
+    """Where the runs will go: --device if given, else CUDA when there is one (python -m code_edit's rule)."""
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+    return torch.cuda.is_available()
 
 
 def run_argv(method: str, a: argparse.Namespace, root: Path) -> list[str]:

@@ -1,5 +1,6 @@
 """RESULTS.md: CODE against its baselines on the embedded model. The `smollm2-135m-instruct` preset on the
-MQuAKE-hard cases that have causal articles, five methods, each run graded by the strict offline grader
+MQuAKE-hard cases that have causal articles, five methods, plus CausalEdit at the embedded model's edit preset
+(`smollm2-135m-instruct_edit`, docs/e2_study.md), each run graded by the strict offline grader
 (the headline) and by the reference's substring rule (for comparison), beside each judge's measured agreement
 with the hand-labelled validation set (docs/grading.md).
 
@@ -24,6 +25,19 @@ sys.path.insert(0, str(ROOT))
 METHODS = ["PreEdited", "InContext", "LoRA", "CaKE", "CausalEdit"]
 JUDGES = ("strict", "substring")  # eval judge's offline rules; results/{judge}/ of each run
 STAGES = ("bootstrap", "sft", "internalize", "eval")  # code_edit.editor's stage names
+EDIT_PRESET = "smollm2-135m-instruct_edit"  # the embedded model's editing preset (docs/e2_study.md)
+READER_CHECK = ROOT / "bench" / "runs" / "e2_reader_check.jsonl"  # a blind reader on the edit preset's answers
+
+
+def planned_runs(methods: list[str], small: bool) -> list[tuple[str, str, str]]:
+    """(row label, method, preset) of each run: every method at the paper preset, and CausalEdit also at the
+    edit preset (not in the --small smoke run, where both would be the tiny model)."""
+    paper = "tiny" if small else "smollm2-135m-instruct"
+    rows = [(m, m, paper) for m in methods]
+    if small or "CausalEdit" not in methods:
+        return rows
+    return [("CausalEdit (paper)" if m == "CausalEdit" else m, m, t) for _, m, t in rows] + [
+        (f"CausalEdit ({EDIT_PRESET})", "CausalEdit", EDIT_PRESET)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,18 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     model_type = "tiny" if a.small else "smollm2-135m-instruct"
     n = a.max_cases or (1 if a.small else 20)
     runs: dict[str, tuple[Path, list[str]]] = {}
-    for method in a.methods:
-        argv_run = ["--editing_method", method, "--datatype", "MQuAKE-hard", "--model_type", model_type,
+    for label, method, preset in planned_runs(a.methods, a.small):
+        argv_run = ["--editing_method", method, "--datatype", "MQuAKE-hard", "--model_type", preset,
                     "--max_cases", str(n), "--output_root", a.output_root, "--run_id", "results",
                     "--articles_only"]  # every method on the same cases: the ones CausalEdit can run
         if a.small:
             argv_run += ["--device", "cpu"]
         if a.cache_dir:
             argv_run += ["--cache_dir", a.cache_dir]
-        print(f"\n=== {method}: {model_type} on MQuAKE-hard, {n} case(s) ===", flush=True)
+        print(f"\n=== {label}: {preset} on MQuAKE-hard, {n} case(s) ===", flush=True)
         try:
             args_run = build_parser().parse_args(argv_run)
-            runs[method] = (existing_run(args_run) if a.judge_only else execute(args_run), argv_run)
+            runs[label] = (existing_run(args_run) if a.judge_only else execute(args_run), argv_run)
         except RunError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -172,6 +186,24 @@ def judge_agreement() -> list:
     return rows, agreement_table(rows, judge_verdicts(rows)) + srr
 
 
+def reader_check(path: Path = READER_CHECK) -> str | None:
+    """The strict grader against one blind reader on a random sample of the edit preset's answers."""
+    import json
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    same = sum(r["reader_label"] == r["grader_correct"] for r in rows)
+    same_old = sum(r["reader_label_old"] == r["grader_asserts_old"] for r in rows)
+    only_grader = sum(r["grader_correct"] and not r["reader_label"] for r in rows)
+    only_reader = sum(r["reader_label"] and not r["grader_correct"] for r in rows)
+    return (f"The edit preset answers in a new style (\"The answer is X.\", \"The answer to this question lies with "
+            f"X\"), so its answers were checked too: on {len(rows)} drawn at random (hop-wise and multi-hop), one "
+            f"reader blind to the grader, labelling from docs/grading.md, agrees with the strict grader on {same} "
+            f"({_pct(same / len(rows))}%) for correct and {same_old} for asserts-old. Where they differ the grader "
+            f"credits {only_grader} answer(s) the reader does not and misses {only_reader} the reader credits, so "
+            f"that row's H-Acc more likely understates than overstates (`{os.path.relpath(path, ROOT)}`).")
+
+
 def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, small: bool, argv: list[str] | None) -> str:
     from eval.files import read_json
 
@@ -185,8 +217,8 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, small: b
              "self-refutation rate among rewrites whose hop answers assert the new fact (the paper's SRR). All in %.",
              "",
              f"Graded by the strict offline grader (`eval/grade.py`, docs/grading.md): an answer is correct when it "
-             f"asserts the gold answer as its answer. It agrees with {len(labels)} hand-labelled answers of these "
-             f"runs {_pct(strict['all'].agree)}% of the time (precision {_pct(strict['all'].precision)}%, recall "
+             f"asserts the gold answer as its answer. It agrees with {len(labels)} hand-labelled answers of the "
+             f"paper-preset runs {_pct(strict['all'].agree)}% of the time (precision {_pct(strict['all'].precision)}%, recall "
              f"{_pct(strict['all'].recall)}%; {_pct(strict['held-out'].agree)}% on the {strict['held-out'].n} "
              "answers held out while its rules were written). Its self-refutation reading, which gives SRR, is "
              f"weaker: on {refutes.n} answers labelled for self-refutation it flags {refutes.tp + refutes.fp}, of "
@@ -204,7 +236,14 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, small: b
               "| method | " + " | ".join(STAGES) + " | peak GiB |", "|---|" + "---:|" * (len(STAGES) + 1)]
     unfinished: list[str] = []
     cached_note: list[str] = []
+    assembled: list[str] = []
     for method, (run_dir, argv_run) in runs.items():
+        parts = read_json(run_dir / "meta" / "run_info.json", f"{method} run_info.json").get("assembled_from")
+        if parts:
+            assembled.append(f"{method}: its cases ran as the E2 study's chosen arm (the same config, key for key) "
+                             f"in {len(parts)} range folders, joined by `python bench/e2_study.py assemble` "
+                             f"({', '.join(f'`{x}`' for x in parts)}). Those ranges ran 5-7 at a time on one GPU, so this row's "
+                             "seconds per stage overstate a run that has the GPU to itself")
         j = {k: read_json(run_dir / "results" / k / "judge_summary.json", f"{method} {k} judge summary")
              for k in JUDGES}
         an = read_json(run_dir / "results" / "strict" / "pred_analysis.json", f"{method} strict analysis")
@@ -233,7 +272,10 @@ def report(runs: dict[str, tuple[Path, list[str]]], *, model_type: str, small: b
         lines += ["", "**Not finished when this was written:** " + ", ".join(unfinished) + ". Their rows and "
                   "timings cover the finished cases only; rerun the command when the runs are done."]
     lines += ["", "Run folders: " + ", ".join(f"`{d}`" for d, _ in runs.values()) + "."]
-    agree = ["", f"Each judge against the hand labels ({len(labels)} answers of these runs, "
+    lines += ["", *(a + "." for a in assembled)] if assembled else []
+    check = None if small else reader_check()
+    lines += ["", check] if check else []
+    agree = ["", f"Each judge against the hand labels ({len(labels)} answers of the five paper-preset runs, "
              f"{sum(r['label'] for r in labels)} labelled correct; `python -m eval judge-agreement`). A judge is "
              "reported here only with these numbers; the local LLM judge (the 135M model itself, served by "
              "`python -m eval serve` with guided choice) is kept out of the headline because of them.", "",
@@ -272,9 +314,19 @@ SCALE_NOTE = [
     "hop answers asserted the new fact (the asserted-rewrites column), which are few here.",
     "",
     "Answer form: LoRA and CaKE fine-tune on the bare answer to each edit's own question, so they answer in a "
-    "word or two, and on the edited hop that word is usually the new answer. CausalEdit, InContext and PreEdited "
-    "answer in paragraphs (the answer-length columns), which at 135M often drift before, or without, committing "
-    "to an answer; the strict grader credits a paragraph only when it asserts the gold answer as its answer.",
+    "word or two, and on the edited hop that word is usually the new answer. CausalEdit at the paper preset, "
+    "InContext and PreEdited answer in paragraphs (the answer-length columns), which at 135M often drift before, "
+    "or without, committing to an answer; the strict grader credits a paragraph only when it asserts the gold "
+    "answer as its answer. CausalEdit at the edit preset learns its teacher's closing line and answers in a "
+    "sentence (\"The answer is Lisbon.\"), though the student is never told to.",
+    "",
+    "The edit preset (docs/e2_study.md): the paper recipe with the SFT learning rate at 1e-3 instead of 3e-5 and "
+    "the open-book teacher told to end with \"The answer now is X.\" It was chosen on the first 10 of these 20 "
+    "cases (the development split; `bench/runs/e2_dev_10cases.md`) before cases 11-20 were read "
+    "(`bench/runs/e2_test_10cases.md`); the table above is all 20. The closed-book student agrees with the "
+    "open-book teacher (same strict class: new, old or other answer) on 47.5% of the edited hops' probes "
+    "(`bench/runs/e2_all_20cases.md`), against a target of 80%; the same greedy teacher run on the CPU and on the H200 agrees with itself on only "
+    "70% (docs/e2_study.md).",
 ]
 
 

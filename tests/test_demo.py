@@ -180,18 +180,26 @@ def test_snippet_centres_on_the_gold_alias():
     assert demo.snippet("", ["x"]) == "(empty)"
 
 
-def test_demo_preset_is_the_smollm2_method_cut_down():
-    d, full = load_hparams("demo"), load_hparams("smollm2-135m-instruct")
+def test_demo_preset_is_the_smollm2_edit_preset_cut_down():
+    d, full = load_hparams("demo"), load_hparams("smollm2-135m-instruct_edit")
     assert d.model.source == full.model.source == "smollm2-135m-instruct" and d.model.dtype == "auto"
     def method(c):
         return (c.editing_mode, c.student_use_sft, c.teacher_use_sft, c.lora.rank, c.lora.target_modules,
-                c.internalize.direction, c.internalize.top_k_support, c.bootstrap.temperature)
+                c.internalize.direction, c.internalize.top_k_support, c.bootstrap.temperature,
+                c.bootstrap.learning_rate, c.internalize.teacher_form, c.internalize.teacher_answer_line)
 
     assert method(d) == method(full)
     b, fb = d.bootstrap, full.bootstrap
     assert b.replica_times * b.num_samples < fb.replica_times * fb.num_samples
     assert 1 <= d.internalize.max_steps_base < full.internalize.max_steps_base
     assert d.eval.max_new_tokens < full.eval.max_new_tokens
+
+
+def test_default_preset_follows_the_device():
+    assert demo.parse_args(["--device", "cuda"]).preset == "smollm2-135m-instruct_edit"
+    assert demo.parse_args(["--device", "cpu"]).preset == "demo"
+    assert demo.parse_args(["--device", "cuda", "--preset", "demo"]).preset == "demo"
+    assert demo.parse_args(["--smoke"]).preset == "tiny"
 
 
 def test_auto_dtype_is_the_loaders_default(tmp_path):

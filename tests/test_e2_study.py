@@ -38,6 +38,13 @@ def test_arms_change_only_studied_keys():
                                                    "internalize.teacher_articles"}
 
 
+def test_edit_preset_is_the_chosen_arm():
+    """smollm2-135m-instruct_edit is the arm chosen on the development split (docs/e2_study.md), key for key."""
+    preset = dataclasses.asdict(load_hparams("smollm2-135m-instruct_edit"))
+    arm = dataclasses.asdict(load_hparams(ROOT / "bench" / "study" / "e2" / "sft-lr_answer-line.toml"))
+    assert {k: v for k, v in flat(preset).items() if k != "name"} == {k: v for k, v in flat(arm).items() if k != "name"}
+
+
 def test_arm_argv_selects_the_asked_cases():
     from code_edit.data import order_cases
     cases = [{"case_id": i, "new_single_hops": [{}] * (2 + i % 3)} for i in range(30)]
@@ -74,3 +81,58 @@ def test_dev_records_join_folders_in_case_order(tmp_path):
     (tmp_path / "tag-T0_S1" / "n5_seed71_other").mkdir()  # another seed: never read
     recs = e2_study.dev_records(tmp_path, [7, 9, 5, 4])
     assert [(r["case_id"], r["from"]) for r in recs] == [(7, "rest"), (9, "dev"), (5, "dev")]
+
+
+def _arm_folder(root, name, units, hparams, skip=None):
+    """A study range folder holding `units` (code_edit.run_folder.Unit) as finished cases."""
+    from eval.files import append_jsonl, atomic_write_json
+    d = root / "study" / "MQuAKE-hard" / "arm" / "CausalEdit" / "tag-T0_S1" / name
+    atomic_write_json(d / "meta" / "run_info.json", {"hparams": hparams, "eval_generation": {}, "started_at": "t0",
+                                                     "device_name": "GPU-X"})
+    post = {"hop_wise": [[True]], "accuracy": [False], "hop_wise_pred": [], "accuracy_pred": []}
+    append_jsonl(d / "metrics.jsonl", [{"unit": u.key, "case_id": u.cases[0]["case_id"],
+                                        "record": {"case_id": u.cases[0]["case_id"], "post": post, "stages": {}}}
+                                       for u in units])
+    return d
+
+
+def test_assemble_joins_the_arm_into_the_presets_run(tmp_path, monkeypatch):
+    from code_edit.__main__ import build_parser
+    from code_edit.run import prepare
+    from code_edit.run_folder import RunError
+    monkeypatch.setattr(e2_study, "ROOT", tmp_path)
+    monkeypatch.setattr(e2_study, "STATE", tmp_path)
+    monkeypatch.setattr(e2_study, "STUDY", tmp_path / "study")
+    preset = "smollm2-135m-instruct_edit"
+    units = prepare(build_parser().parse_args(["--editing_method", "CausalEdit", "--datatype", "MQuAKE-hard",
+                                               "--model_type", preset, "--max_cases", "20", "--articles_only"])).units
+    hp = json.loads(json.dumps(load_hparams(preset).to_dict()))
+    _arm_folder(tmp_path, "n10_seed70_study", units[:12], {**hp, "name": "arm", "old_key": 1})  # extra keys pass
+    try:
+        e2_study.assemble("arm", preset)
+    except RunError as e:  # cases 13-20 are missing: named
+        assert units[12].key in str(e) and "arm" in str(e)
+    else:
+        raise AssertionError("assembled without cases 13-20")
+    bad = {**hp, "internalize": {**hp["internalize"], "teacher_answer_line": False}}
+    _arm_folder(tmp_path, "n8_seed70_study-skip12", units[12:], bad)
+    try:
+        e2_study.assemble("arm", preset)
+    except RunError as e:
+        assert "internalize.teacher_answer_line" in str(e) and "skip12" in str(e)
+    else:
+        raise AssertionError("assembled from a folder of another config")
+    (tmp_path / "study" / "MQuAKE-hard" / "arm" / "CausalEdit" / "tag-T0_S1" / "n8_seed70_study-skip12" / "meta" /
+     "run_info.json").write_text(json.dumps({"hparams": hp}))
+    out = e2_study.assemble("arm", preset)
+    assert out == tmp_path / "results" / "MQuAKE-hard" / preset / "CausalEdit" / "tag-T0_S1" / "n20_seed70_results"
+    info = json.loads((out / "meta" / "run_info.json").read_text())
+    assert info["status"] == "finished" and info["units_done"] == 20 and len(info["assembled_from"]) == 2
+    assert [r["case_id"] for r in json.loads((out / "metrics.json").read_text())] == \
+        [u.cases[0]["case_id"] for u in units]
+    try:
+        e2_study.assemble("arm", preset)  # never over an existing journal
+    except RunError as e:
+        assert "already holds a journal" in str(e)
+    else:
+        raise AssertionError("assembled twice")

@@ -114,3 +114,26 @@ def test_answer_words_counts_hop_and_multi_hop_answers():
     assert mod.answer_words([rec1, rec2]) == (1, 0.8)
     assert mod.answer_words([rec1]) == (2.5, 0.75)  # 1 1 4 6
     assert mod.answer_words([{"case_id": 3, "post": {}}]) == (None, None)
+
+
+def test_causaledit_runs_at_both_presets_except_in_the_smoke_run():
+    mod = _script()
+    assert mod.planned_runs(["PreEdited", "CausalEdit"], small=False) == [
+        ("PreEdited", "PreEdited", "smollm2-135m-instruct"),
+        ("CausalEdit (paper)", "CausalEdit", "smollm2-135m-instruct"),
+        ("CausalEdit (smollm2-135m-instruct_edit)", "CausalEdit", "smollm2-135m-instruct_edit")]
+    assert mod.planned_runs(["CausalEdit"], small=True) == [("CausalEdit", "CausalEdit", "tiny")]
+    assert mod.planned_runs(["LoRA"], small=False) == [("LoRA", "LoRA", "smollm2-135m-instruct")]
+
+
+def test_reader_check_counts(tmp_path):
+    mod = _script()
+    rows = [(True, True, False, False), (True, False, False, False), (False, True, True, True), (False, False, False, False)]
+    path = tmp_path / "check.jsonl"
+    path.write_text("".join(json.dumps({"reader_label": r, "grader_correct": g, "reader_label_old": ro,
+                                        "grader_asserts_old": go}) + "\n" for r, g, ro, go in rows))
+    text = mod.reader_check(path)
+    # by hand: correct agrees on rows 1 and 4; asserts-old on all 4; grader-only row 3, reader-only row 2
+    assert "on 4 drawn at random" in text and "grader on 2 (50.0%) for correct and 4 for asserts-old" in text
+    assert "credits 1 answer(s) the reader does not and misses 1 the reader credits" in text
+    assert mod.reader_check(tmp_path / "none.jsonl") is None
