@@ -56,11 +56,12 @@ def parse_runs(arms: str, cases: int, skip: int) -> list[tuple[str, int, int]]:
 def run_arms(runs: list[tuple[str, int, int]], stagger: float) -> int:
     """Start every (arm, skip, cases) run as its own process (the first alone for `stagger` seconds, so that
     the others find its torch.compile cache), then wait for all; logs in /tmp/e2_<arm>_<skip>.log."""
+    missing = sorted({arm for arm, _, _ in runs if not (ARMS / f"{arm}.toml").exists()})
+    if missing:  # before any process starts
+        print(f"error: no arm {', '.join(missing)} under {ARMS}", file=sys.stderr)
+        return 2
     procs = {}
     for i, (arm, skip, cases) in enumerate(runs):
-        if not (ARMS / f"{arm}.toml").exists():
-            print(f"error: no arm {arm} ({ARMS / (arm + '.toml')})", file=sys.stderr)
-            return 2
         name = f"{arm}_{skip}"
         log = open(f"/tmp/e2_{name}.log", "a")
         procs[name] = subprocess.Popen([sys.executable, "-m", "code_edit", *arm_argv(arm, cases, skip)], cwd=ROOT,
@@ -80,7 +81,10 @@ def dev_cases(cases: int) -> list[dict]:
     """The first `cases` article cases in run order (the order of RESULTS.md's 20-case runs)."""
     from code_edit.data import load_dataset
     units = json.loads((run_folder(RESULTS / "CausalEdit") / "requests.json").read_text())
-    order = [u["case_ids"][0] for u in units][:cases]
+    order = [u["case_ids"][0] for u in units]
+    if cases > len(order):
+        raise ValueError(f"asked for {cases} cases; MQuAKE-hard has {len(order)} cases with articles")
+    order = order[:cases]
     by_id = {c["case_id"]: c for c in load_dataset("MQuAKE-hard")}
     return [by_id[i] for i in order]
 
@@ -124,9 +128,23 @@ def teacher_probes(case: dict, form: str, articles: str, answer_line: bool = Fal
     return out
 
 
+def parse_combos(text: str) -> list[tuple[str, str, bool]]:
+    """`form:articles[:answer-line]`, comma-separated, into (form, articles, answer_line)."""
+    out = []
+    for spec in text.split(","):
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in FORMS or parts[1] not in ("own", "case") or \
+                (len(parts) == 3 and parts[2] != "answer-line"):
+            raise ValueError(f"--combos entry {spec!r}: expected FORM:ARTICLES[:answer-line] with FORM in "
+                             f"{'/'.join(FORMS)} and ARTICLES own/case")
+        out.append((parts[0], parts[1], len(parts) == 3))
+    return out
+
+
 def teacher_answers(cases: int, combos: list[tuple[str, str, bool]]) -> None:
     """Greedy answers of the base model under each teacher prompt, with the evaluation's decoding."""
     from code_edit.config import load_hparams
+    from eval.files import atomic_write_jsonl
     from eval.probes import GenConfig, model_chat_fn
     from model import load_model, load_tokenizer
 
@@ -141,9 +159,8 @@ def teacher_answers(cases: int, combos: list[tuple[str, str, bool]]) -> None:
         t0 = time.perf_counter()
         preds = chat([r["messages"] for r in rows])
         out = teacher_file(form, articles, answer_line)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k != "messages"}, "pred": p},
-                                          ensure_ascii=False) + "\n" for r, p in zip(rows, preds)))
+        atomic_write_jsonl(out, [{**{k: v for k, v in r.items() if k != "messages"}, "pred": p}
+                                 for r, p in zip(rows, preds)])
         print(f"teacher {out.stem}: {len(rows)} answers in {time.perf_counter() - t0:.1f} s -> {out}")
 
 
@@ -218,14 +235,17 @@ LEAK_WORDS = ("article", "passage", "document", "the text", "the report")
 
 
 def dev_records(method_dir: Path, ids: list[int]) -> list[dict]:
-    """The records of cases `ids` from every seed-70 run folder under `method_dir` (the first folder that
-    holds a case gives it), in the order of `ids`."""
-    by_id: dict[int, dict] = {}
+    """The records of cases `ids` from every seed-70 run folder under `method_dir`, in the order of `ids`.
+    A case held by two folders is an error: which record a report uses must never depend on folder names."""
+    by_id: dict[int, tuple[dict, Path]] = {}
     for folder in sorted(method_dir.glob("tag-*/n*_seed70_*")):
         path = folder / "metrics.json"
         for r in json.loads(path.read_text()) if path.exists() else []:
-            by_id.setdefault(r["case_id"], r)
-    return [by_id[i] for i in ids if i in by_id]
+            if r["case_id"] in by_id:
+                raise ValueError(f"case {r['case_id']} is in both {by_id[r['case_id']][1]} and {folder}; "
+                                 "remove one of them")
+            by_id[r["case_id"]] = (r, folder)
+    return [by_id[i][0] for i in ids if i in by_id]
 
 
 def strict_numbers(records: list[dict], cases: list[dict]) -> dict:
@@ -307,7 +327,7 @@ def report(cases: int, arms: list[str] | None, skip: int = 0) -> str:
              "where the closed-book student's committed answer (new / old / other) equals the open-book teacher's "
              "(the base model under the arm's teacher prompt, `bench/e2_study.py teacher`), and the share of the "
              "teacher's new-answer probes where the student also states the new answer.", "",
-             "| arm | cases | H-Acc | M-Acc | SRR | asserted | agree % | student new where teacher new % | "
+             "| arm | cases | H-Acc | M-Acc | SRR | asserted | agree % (probes) | student new where teacher new % | "
              "'The answer now is' % | cites a text % | median words | sft s | internalize s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, folder, cfg in rows:
@@ -319,8 +339,9 @@ def report(cases: int, arms: list[str] | None, skip: int = 0) -> str:
         it = cfg.internalize if cfg else None
         agr = teacher_agreement(recs, it.teacher_form, it.teacher_articles, it.teacher_answer_line) if it else None
         st = stage_means(recs)
+        probes = f" ({agr['probes']})" if agr else ""
         lines.append(f"| {name} | {s['cases']} | {pct(s['h_acc'])} | {pct(s['m_acc'])} | {pct(s['srr']['rate'])} | "
-                     f"{s['asserted']['yes']}/{s['asserted']['total']} | {pct(agr and agr['agree'])} | "
+                     f"{s['asserted']['yes']}/{s['asserted']['total']} | {pct(agr and agr['agree'])}{probes} | "
                      f"{pct(agr and agr['student_new_where_teacher_new'])} | {pct(s['answer_line'])} | "
                      f"{pct(s['leak'])} | {s['median_words']} | {st.get('sft', 0):.0f} | {st.get('internalize', 0):.0f} |")
     teachers = []
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--skip", type=int, default=0, help="start after this many article cases (cases 11-20: --skip 10)")
     r.add_argument("--stagger", type=float, default=90.0)
     t = sub.add_parser("teacher")
-    t.add_argument("--cases", type=int, default=10)
+    t.add_argument("--cases", type=int, default=20)
     t.add_argument("--combos", default="system_sheet:own,in_context:own,in_context:case,system_sheet:own:answer-line,"
                    "system_sheet:case:answer-line", help="form:articles[:answer-line], comma-separated")
     asm = sub.add_parser("assemble", help="the chosen arm's 20 cases as the preset's run under .gpu_state/results")
@@ -364,8 +385,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return run_arms(runs, a.stagger)
     if a.cmd == "teacher":
-        combos = [c.split(":") for c in a.combos.split(",")]
-        teacher_answers(a.cases, [(c[0], c[1], c[2:] == ["answer-line"]) for c in combos])
+        try:
+            combos = parse_combos(a.combos)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        teacher_answers(a.cases, combos)
         return 0
     if a.cmd == "assemble":
         print(assemble(a.arm, a.preset))

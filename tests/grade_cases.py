@@ -226,5 +226,3 @@ C += [
  ("sft", QM, "<think>\nUpdated answer: UK\n</think>\nThe answer now is UK.", MN, MO, True, False),
  ("sft", QM, "<think>\nOld fact: IN\nUpdated fact: UK\n</think>\nThe answer now is UK.", MN, MO, True, False),
 ]
-# guide-literal rule 2 ("first of two entities") makes these old; disputed, kept out of the count
-DISPUTED = {35, 45, 112, 114, 138}

@@ -77,10 +77,44 @@ def test_dev_records_join_folders_in_case_order(tmp_path):
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps([{"case_id": i, "from": tag} for i in ids]))
     write("n10_seed70_study", [5, 3, 9], "dev")
-    write("n10_seed70_study-skip10", [9, 7], "rest")  # 9 also in the first folder: the first one gives it
+    write("n10_seed70_study-skip10", [8, 7], "rest")
     (tmp_path / "tag-T0_S1" / "n5_seed71_other").mkdir()  # another seed: never read
     recs = e2_study.dev_records(tmp_path, [7, 9, 5, 4])
     assert [(r["case_id"], r["from"]) for r in recs] == [(7, "rest"), (9, "dev"), (5, "dev")]
+    write("n2_seed70_study-skip8", [9], "again")  # a case in two folders: which one counts must not be guessed
+    try:
+        e2_study.dev_records(tmp_path, [9])
+    except ValueError as e:
+        assert "case 9" in str(e) and "skip8" in str(e)
+    else:
+        raise AssertionError("a case held by two folders was accepted")
+
+
+def test_parse_combos():
+    assert e2_study.parse_combos("system_sheet:own,in_context:case:answer-line") == [
+        ("system_sheet", "own", False), ("in_context", "case", True)]
+    for bad in ("system_sheet:own:answer_line", "system_sheet", "sheet:own", "in_context:all"):
+        try:
+            e2_study.parse_combos(bad)
+        except ValueError as e:
+            assert repr(bad) in str(e)
+        else:
+            raise AssertionError(bad)
+
+
+def test_teacher_agreement_counts(tmp_path, monkeypatch):
+    """Two probes by hand: the teacher states the new answer on both, the student on one and the old on the
+    other -> agreement 1/2, teacher new 2/2, student new where teacher new 1/2."""
+    monkeypatch.setattr(e2_study, "STUDY", tmp_path)
+    q1, q2 = "Now, Who created X? Let's think step by step.", "Now, Who made X? Let's think step by step."
+    rows = [{"case_id": 1, "prompt": q, "refs": ["Alice"], "old_refs": ["Bob"], "pred": "The answer now is Alice."}
+            for q in (q1, q2)]
+    e2_study.teacher_file("system_sheet", "own", True).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = {"case_id": 1, "post": {"hop_wise_pred": [[{"prompt": q1, "pred": "The answer is Alice.", "ref": ["Alice"]},
+                                                    {"prompt": q2, "pred": "The answer is Bob.", "ref": ["Alice"]}]]}}
+    got = e2_study.teacher_agreement([rec], "system_sheet", "own", True)
+    assert got == {"probes": 2, "agree": 0.5, "teacher_new": 1.0, "student_new_where_teacher_new": 0.5}
+    assert e2_study.teacher_agreement([rec], "in_context", "own", False) is None  # no teacher file
 
 
 def _arm_folder(root, name, units, hparams, skip=None):

@@ -273,21 +273,19 @@ def test_self_refutation_labels_and_measured_reading():
 
 
 def test_hostile_cases():
-    """The reviewer's hard cases: every clean reasoning-format answer (groups sft, sft-nofinal: what the
-    method's SFT teaches) is graded right, and at least 90% of the rest."""
-    from grade_cases import C, DISPUTED
+    """The reviewer's hard cases, every one counted: each clean reasoning-format answer (groups sft,
+    sft-nofinal: what the method's SFT teaches) is graded right, and at least 88% of all of them (measured
+    158 of 179, 88.3%: docs/grading.md says which kinds it misses)."""
+    from grade_cases import C
     wrong, sft_wrong = [], []
     for i, case in enumerate(C):
-        if i in DISPUTED:
-            continue
         group, q, a, refs, old, correct, asserts_old = case[:7]
         g = grade(q, a, refs, old)
         ok = (g.correct, g.asserts_old) == (correct, asserts_old) and (len(case) < 8 or g.self_refutes == case[7])
         if not ok:
             (sft_wrong if group.startswith("sft") else wrong).append((i, group, g.rule))
     assert not sft_wrong, sft_wrong
-    scored = len(C) - len(DISPUTED)
-    assert 1 - len(wrong) / scored >= 0.9, wrong
+    assert 1 - len(wrong) / len(C) >= 0.88, wrong
 
 
 SFT_THINK = ("<think>\nOld fact: Blake's 7 was created by Terry Nation.\nReason for change: a court reassigned the "
