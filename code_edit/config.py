@@ -207,6 +207,8 @@ _UNIT_INTERVAL = {  # must lie in [0, 1]
     "baseline_cake.dropout", "optimizer.adam_beta1", "optimizer.adam_beta2",
 }
 
+_BETAS = {"optimizer.adam_beta1", "optimizer.adam_beta2"}  # also < 1
+
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in HPARAMS_DIR.glob("*.toml"))
@@ -336,6 +338,8 @@ def _check_value(key: str, typ: Any, value: Any, origin: Path) -> Any:
             raise bad("a number > 0")
         if key in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
             raise bad("a number in [0, 1]")
+        if key in _BETAS and value >= 1.0:  # AdamW refuses beta = 1, at the first unit's optimiser
+            raise bad("a number in [0, 1)")
         if key not in _UNIT_INTERVAL and value < 0:
             raise bad("a non-negative number")
         return value

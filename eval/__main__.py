@@ -161,6 +161,8 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in ("max_tokens_cap", "max_body_bytes", "max_queue", "slice_tokens", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_new_tokens > args.max_tokens_cap:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} is above --max-tokens-cap {args.max_tokens_cap}")
     serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, device=args.device,
           dtype=args.dtype, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
           max_queue=args.max_queue, slice_tokens=args.slice_tokens)

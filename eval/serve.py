@@ -175,6 +175,10 @@ class Limits:
     max_queue: int = 256
     slice_tokens: int = 256
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens > self.max_tokens_cap:  # the default must obey the cap a request is held to
+            raise ValueError(f"max_new_tokens {self.max_new_tokens} is above max_tokens_cap {self.max_tokens_cap}")
+
 
 def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")

@@ -195,6 +195,7 @@ def test_unknown_key_names_key_and_file(tmp_path, body, key):
     ('[model]\ndtype = "fp8"', "model.dtype"),
     ('[bootstrap]\ntop_p = 1.5', "bootstrap.top_p"),
     ('[bootstrap]\nnum_samples = 0', "bootstrap.num_samples"),
+    ('[optimizer]\nadam_beta2 = 1.0', "optimizer.adam_beta2"),  # AdamW refuses it, far later and unnamed
     ("model = 3", "model"),
 ])
 def test_wrong_type_or_value_names_key_and_file(tmp_path, line, key):

@@ -125,18 +125,22 @@ def test_redact_url():
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
 
 
-def test_a_key_in_the_base_url_is_never_written(tmp_path, capsys):
+def test_a_key_in_the_base_url_is_never_written(tmp_path, capsys, caplog, monkeypatch):
+    import eval.chat
     secret = "sk-VERYSECRET123"
     path = write_run(tmp_path, fixture_records())
     from eval.__main__ import main
+    monkeypatch.setattr(eval.chat.time, "sleep", lambda s: None)  # one retry each, without the backoff's wait
+    caplog.set_level("WARNING", logger="eval.chat")
     with FakeOpenAI(lambda req: Reply(500, {"error": {"message": "boom"}})) as srv:
         url = srv.base_url.replace("http://", f"http://user:{secret}@")
-        rc = main(["judge", "--input", str(path), "--base-url", url, "--judge-model", "m", "--max-retries", "0",
+        rc = main(["judge", "--input", str(path), "--base-url", url, "--judge-model", "m", "--max-retries", "1",
                    "--timeout", "5"])
     assert rc == 2  # every item failed
     out = capsys.readouterr()
     written = "".join(p.read_text() for p in path.parent.rglob("*") if p.is_file())
-    for text in (out.out, out.err, written):
+    assert "retry 1/1" in caplog.text and "***@127.0.0.1" in caplog.text  # the retry line was logged, redacted
+    for text in (out.out, out.err, written, caplog.text):
         assert secret not in text
     summary = json.loads((path.parent / "judge" / "metrics.judged.summary.json").read_text())
     assert summary["base_url"].startswith("http://***@127.0.0.1")
@@ -170,3 +174,12 @@ def test_a_judge_that_worked_exits_0(tmp_path):
     from eval.__main__ import main
     with FakeOpenAI(lambda req: chat_reply("<verification>PASS</verification>")) as srv:
         assert main(["judge", "--input", str(path), "--base-url", srv.base_url, "--judge-model", "m"]) == 0
+
+
+def test_default_max_new_tokens_obeys_the_cap(tiny):
+    """A request that sets no max_tokens gets max_new_tokens: above max_tokens_cap it would slip past the cap."""
+    model, tok = tiny
+    with pytest.raises(ValueError, match="max_new_tokens 40 is above max_tokens_cap 4"):
+        make_server(model, tok, model_name="t", max_new_tokens=40, max_tokens_cap=4)
+    from eval.__main__ import main
+    assert main(["serve", "--model", "x", "--max-new-tokens", "40", "--max-tokens-cap", "4"]) == 2
