@@ -176,11 +176,12 @@ def flat_keys(d: dict, prefix: str = "") -> dict:
 def assemble(arm: str, preset: str) -> Path:
     """The chosen arm's 20 cases, from its range folders, as the preset's own run folder beside RESULTS.md's
     runs (`python -m code_edit --model_type PRESET ... --run_id results`), so scripts/results.py reports it
-    like any run. Every source folder's hparams must equal the preset's on the keys both have (folders made
-    before issue S1 removed dead keys have those extra), the final resume (code_edit.run.execute, which edits
+    like any run. Every source folder's hparams (code_edit.config.upgrade_hparams: in today's form) must equal
+    the preset's but for the name, the final resume (code_edit.run.execute, which edits
     nothing when every case is done) checks the folder's identity and cases, and meta/run_info.json names the
     folders the records came from."""
     from code_edit.__main__ import build_parser
+    from code_edit.config import upgrade_hparams
     from code_edit.run import _requests_json, execute, planned_dir, prepare
     from code_edit.run_folder import Journal, RunError
     from eval.files import append_jsonl, atomic_write_json, read_json
@@ -206,8 +207,8 @@ def assemble(arm: str, preset: str) -> Path:
     used = sorted({str(rows[(u.key, u.cases[0]['case_id'])][1].relative_to(ROOT)) for u in p.units})
     want = flat_keys(json.loads(json.dumps(p.cfg.to_dict())))
     for f in used:
-        have = flat_keys(read_json(ROOT / f / "meta" / "run_info.json", "run_info.json")["hparams"])
-        diff = sorted(k for k in set(want) & set(have) if k != "name" and want[k] != have[k])
+        have = flat_keys(upgrade_hparams(read_json(ROOT / f / "meta" / "run_info.json", "run_info.json")["hparams"]))
+        diff = sorted(k for k in set(want) | set(have) if k != "name" and want.get(k) != have.get(k))
         if diff:
             raise RunError(f"{f}: its hparams differ from preset {preset} on {', '.join(diff)}")
     # 3) meta files as code_edit.run.open_run writes them, then the journal in run order

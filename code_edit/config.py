@@ -196,6 +196,31 @@ REMOVED = {
     "internalize.seed": "removed: each distillation step's seed derives from the unit (case or group) key",
     "baseline_lora.num_steps": "renamed to baseline_lora.epochs",
 }
+RENAMED = {"baseline_lora.num_steps": "baseline_lora.epochs"}
+ADDED = {  # keys added since runs were first stored, at the value that is the behaviour of before
+    "internalize.teacher_form": "system_sheet", "internalize.teacher_articles": "own",
+    "internalize.teacher_answer_line": False,
+}
+
+
+def upgrade_hparams(stored: dict) -> dict:
+    """Hparams as an older run folder's meta/run_info.json stored them, in today's form, so that the folder
+    still resumes: REMOVED keys dropped (none of them changed results), RENAMED ones under their new name,
+    ADDED ones at their old behaviour when missing."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+    for dotted in REMOVED:
+        section, key = dotted.split(".")
+        value = out.get(section, {}).pop(key, None) if isinstance(out.get(section), dict) else None
+        if dotted in RENAMED and value is not None:
+            new_section, new_key = RENAMED[dotted].split(".")
+            out[new_section].setdefault(new_key, value)
+    for dotted, value in ADDED.items():
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(key, value)
+    return out
+
+
 _POSITIVE = {  # numbers that must be > 0 (a zero learning rate or clipping norm trains nothing)
     "bootstrap.learning_rate", "internalize.learning_rate", "baseline_lora.learning_rate",
     "baseline_cake.learning_rate", "lora.alpha", "baseline_lora.alpha", "baseline_cake.alpha",

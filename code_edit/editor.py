@@ -240,7 +240,9 @@ class Editor:
 
         add_lora(self.model, LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets,
                                         seed=self.cfg.lora.init_seed))
-        # No warmup, no early stop, no clipping beyond 1.0: HF Trainer / EasyEdit defaults of the baselines.
+        # No warmup, no early stop, clipping at 1.0 (HF Trainer's max_grad_norm). The schedule is SFTConfig's
+        # default cosine, and the [optimizer] Adam keys do not reach the baselines (HF Trainer's default
+        # schedule is linear: a known difference, docs/config.md).
         scfg = SFTConfig(lr=lr, epochs=epochs, batch_size=batch_size, warmup_ratio=0.0, max_grad_norm=1.0,
                          weight_decay=weight_decay, stop_loss=None, stop_consecutive=1, max_length=max_length,
                          grad_checkpointing=self.cfg.model.grad_checkpointing, seed=self.cfg.bootstrap.seed)

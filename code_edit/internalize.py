@@ -141,7 +141,8 @@ def prompt_draws(num_rows: int, per_step: int, steps: int, seed: int) -> list[li
 
 def distill_prompts(tok: Any, rows: Sequence[PoolRow], *, max_prompt_length: int) -> list[Any]:
     """DistillPrompt token ids per row: student = the closed-book user turn (left-truncated to
-    max_prompt_length, as TRL truncates prompts); teacher = cheat-sheet system turn + the same user turn."""
+    max_prompt_length, as TRL truncates prompts); teacher = the teacher prompt the pool row holds
+    (internalize.teacher_form / teacher_articles / teacher_answer_line) around the same question."""
     from train.distill import DistillPrompt
 
     out = []

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from code_edit.config import HPARAMS_DIR, CausalEditConfig, HparamsError, load_hparams, preset_names
+from code_edit.config import HPARAMS_DIR, CausalEditConfig, HparamsError, load_hparams, preset_names, upgrade_hparams
 
 # The reference values, typed in from docs/method.md 3.1, 3.2, 3.5, 4.1 and 8.2 (not read from our presets).
 PAPER = {
@@ -257,12 +257,32 @@ def test_presets_resolve_to_their_values_before_the_teacher_keys(name):
     # demo (CPU `make demo`) now extends the embedded model's edit preset, whose teacher has the answer line
     want = {**TEACHER_KEYS, "teacher_answer_line": True} if name == "demo" else TEACHER_KEYS
     assert {k: v for k, v in now["internalize"].items() if k in TEACHER_KEYS} == want
-    now["internalize"] = {k: v for k, v in now["internalize"].items() if k not in TEACHER_KEYS}
-    # The keys issue S1 removed (they changed nothing) and the one it renamed, as they were that day:
+    upgraded = upgrade_hparams(before)  # what a run folder of that day resumes as
+    if name == "demo":
+        upgraded["internalize"]["teacher_answer_line"] = True
+    assert upgraded == now
+    # the hand-made reading of the same: removed keys as they were that day, the renamed one, the added ones
     for key in ("importance_sampling", "importance_sampling_cap", "disable_dropout", "seed"):
         now["internalize"][key] = before["internalize"][key]
     now["baseline_lora"]["num_steps"] = now["baseline_lora"].pop("epochs")
+    now["internalize"] = {k: v for k, v in now["internalize"].items() if k not in TEACHER_KEYS}
     assert now == before
+
+
+def test_a_run_folder_from_before_the_key_changes_resumes(tmp_path):
+    from code_edit.run_folder import choose_run_dir
+    before = json.loads((Path(__file__).parent / "data" / "presets_before_e2.json").read_text())["tiny"]
+    now = json.loads(json.dumps(load_hparams("tiny").to_dict()))
+    d = tmp_path / "n1_seed70_x"
+    (d / "meta").mkdir(parents=True)
+    args = {"editing_method": "CausalEdit", "datatype": "MQuAKE-hard", "max_cases": 1}
+    (d / "meta" / "run_args.json").write_text(json.dumps(args))
+    (d / "meta" / "run_info.json").write_text(json.dumps({"hparams": before}))
+    assert choose_run_dir(tmp_path, "n1_seed70_", "x", args, now) == (d, True)
+    changed = json.loads(json.dumps(now))
+    changed["internalize"]["learning_rate"] = 1.0
+    with pytest.raises(Exception, match="hparams differ"):
+        choose_run_dir(tmp_path, "n1_seed70_", "x", args, changed)
 
 
 @pytest.mark.parametrize("line, says", [

@@ -141,7 +141,8 @@ def test_assemble_joins_the_arm_into_the_presets_run(tmp_path, monkeypatch):
     units = prepare(build_parser().parse_args(["--editing_method", "CausalEdit", "--datatype", "MQuAKE-hard",
                                                "--model_type", preset, "--max_cases", "20", "--articles_only"])).units
     hp = json.loads(json.dumps(load_hparams(preset).to_dict()))
-    _arm_folder(tmp_path, "n10_seed70_study", units[:12], {**hp, "name": "arm", "old_key": 1})  # extra keys pass
+    old_form = {**hp, "name": "arm", "internalize": {**hp["internalize"], "seed": 42}}  # a key S1 removed
+    _arm_folder(tmp_path, "n10_seed70_study", units[:12], old_form)
     try:
         e2_study.assemble("arm", preset)
     except RunError as e:  # cases 13-20 are missing: named

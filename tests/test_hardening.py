@@ -185,3 +185,21 @@ def test_sft_and_distillation_raise_on_a_non_finite_step():
     examples = [([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 2])]
     with pytest.raises(TrainingDiverged, match="SFT step 1"):
         sft(model, examples, params, SFTConfig(lr=1e-3, epochs=2, batch_size=2, stop_loss=None), log=None)
+
+    # the distillation half: a NaN adapter stops the step before AdamW touches the weights
+    from model.lora import lora_modules
+    from train.distill import DistillConfig, DistillPrompt, Distiller
+    model = tiny_random(seed=0)
+    add_lora(model, LoraConfig(rank=2, alpha=4, dropout=0.0, targets=("q_proj",), seed=0))
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.fill_(float("nan"))
+    before = [p.detach().clone() for p in params]
+    d = Distiller(model, params, DistillConfig(lr=1e-3, max_steps=2, warmup_steps=0, rollouts_per_prompt=2,
+                                               micro_batches=1, max_completion_length=6), stop_ids=[2])
+    with pytest.raises(TrainingDiverged, match="distillation step 1"):
+        d.step([DistillPrompt([1, 5, 6], [1, 9, 5, 6], prompt_index=0)], seed=0)
+    assert d.steps_done == 0
+    assert all(torch.equal(a.isnan(), p.isnan()) and torch.equal(a.nan_to_num(), p.detach().nan_to_num())
+               for a, p in zip(before, params))

@@ -163,7 +163,7 @@ class Distiller:
 
     @property
     def finished(self) -> bool:
-        """cfg.max_steps steps taken (the caller loops `while not d.finished`; the lr is constant after warmup)."""
+        """cfg.max_steps steps taken (the caller loops `while not d.finished`)."""
         return self.steps_done >= self.cfg.max_steps
 
     # -- pieces ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Supervised LoRA fine-tuning with a completion-only loss (causal bootstrapping's SFT, docs/method.md 3.2 step 9).
 
-AdamW over the given parameters, linear warmup then cosine decay over the planned steps, gradient
+AdamW over the given parameters, linear warmup then cfg.lr_scheduler over the planned steps, gradient
 clipping, per-epoch shuffling, early stop once the step loss stays below a threshold. The host reads each
 step's loss one step late, so it never waits for the GPU to drain (see `sft`).
 """
