@@ -106,6 +106,7 @@ def teacher_probes(case: dict, form: str, articles: str, answer_line: bool = Fal
     from code_edit.internalize import _teacher_articles
     from code_edit.data import edit_requests
     from code_edit.prompts import teacher_messages
+    from eval.mquake import edited_rewrite
     from eval.probes import HOP, build_probes
 
     reqs = edit_requests(case)
@@ -115,8 +116,7 @@ def teacher_probes(case: dict, form: str, articles: str, answer_line: bool = Fal
         if p.source != HOP:
             continue
         hop = case["new_single_hops"][p.hop]
-        refs = {hop["answer"], *hop.get("answer_alias", [])}
-        r = next((i for i, q in enumerate(reqs) if q.new_answer in refs), None)
+        r = edited_rewrite({hop["answer"], *hop.get("answer_alias", [])}, case["requested_rewrite"])
         if r is None:
             continue
         q = reqs[r]
@@ -250,14 +250,14 @@ def dev_records(method_dir: Path, ids: list[int]) -> list[dict]:
 
 
 def strict_numbers(records: list[dict], cases: list[dict]) -> dict:
-    """Strict H-Acc and M-Acc (eval.judge.offline_summary over records whose old answers come from the
-    cases), SRR (eval.analyze's flags read by the strict grader), and what the answers look like."""
+    """Strict H-Acc and M-Acc (eval.judge.offline_summary, old answers from the cases), SRR (eval.analyze's
+    flags read by the strict grader), and what the answers look like."""
     from eval.analyze import rewrite_flags, self_refute_items, srr_summary, strict_self_refute
     from eval.mquake import stored_old_refs
-    from eval.judge import judge_items, offline_verdict, summarize_judged, attach_verdicts
+    from eval.judge import judge_items, offline_summary
 
     items = judge_items(records, stored_old_refs(records, cases))
-    judged = summarize_judged(attach_verdicts(records, {it.key: offline_verdict(it) for it in items}))
+    judged = offline_summary(records, cases=cases)
     sr_items, _ = self_refute_items(records)
     flags = rewrite_flags(sr_items, {it.key: {"result": "OK", **strict_self_refute(it)} for it in sr_items})
     srr = srr_summary(flags)

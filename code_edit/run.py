@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from code_edit.config import CausalEditConfig, load_hparams
 from code_edit.data import BATCH_EDIT_MAX_UNIQUE, case_has_articles, default_cache_root, load_dataset, order_cases
 from code_edit.distributed import Ranks, env_ranks, rank_device
-from code_edit.run_folder import (Journal, RunError, Unit, UnitFailed, case_count, choose_run_dir,
+from code_edit.run_folder import (Journal, RunError, Unit, UnitFailed, carry_stop, case_count, choose_run_dir,
                                   data_hash, done_units, journal_name, journal_paths, journal_rows, locked,
                                   plan_units, rebuild_outputs, record_stop, run_dir_prefix, run_parent)
 from code_edit.editor import Editor, Reporter, needs_articles, normalize_method
@@ -269,7 +269,7 @@ def open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Star
         if old is not None and [u["unit"] for u in old] != [u["unit"] for u in planned]:
             raise RunError(f"{run_dir}: the planned cases differ from its requests.json (did the dataset file change?); "
                            "start a new run with another --run_id")
-        info = read_json(meta / "run_info.json", "run_info.json")
+        info = carry_stop(read_json(meta / "run_info.json", "run_info.json"))
         info.setdefault("dataset", {}).setdefault("content_sha256", p.dataset["content_sha256"])  # older runs
         for path in journal_paths(run_dir):  # before any rank appends again
             dropped = Journal(path.parent, path.name).repair()

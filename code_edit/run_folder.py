@@ -236,6 +236,15 @@ def rebuild_outputs(run_dir: Path, units: list[Unit], rows: dict) -> list[dict]:
     return records
 
 
+def carry_stop(info: dict) -> dict:
+    """On resume: an earlier stop's keys (error, failed_at, interrupted_at) move to `previous_stops`, so a
+    run that goes on to finish does not still read as failed."""
+    stop = {k: info.pop(k) for k in ("error", "failed_at", "interrupted_at") if k in info}
+    if stop:
+        info.setdefault("previous_stops", []).append({"status": info.get("status"), **stop})
+    return info
+
+
 def record_stop(run_dir: Path, info: dict, e: BaseException) -> None:
     """A run that stops before its end says so in run_info.json and run.log: status "interrupted" (Ctrl-C)
     or "failed" with the error."""

@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume (finished verdicts are kept in the checkpoint)",
-              file=sys.stderr)
+        kept = args.cmd == "judge" or (args.cmd == "analyze" and getattr(args, "llm_checkpoint", None))
+        print("interrupted; rerun the same command to resume (finished verdicts are kept in the checkpoint)"
+              if kept else "interrupted", file=sys.stderr)
         return 130
     except (ChatError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

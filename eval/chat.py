@@ -114,8 +114,10 @@ class ChatClient:
         return redact_url(self.url)
 
     def _post(self, body: dict, headers: dict) -> requests.Response:
-        """POST with a total deadline of `timeout` seconds (requests' own timeout applies per read, so a
-        server that drips a byte at a time could hold a request for ever); the body is read here."""
+        """POST with a deadline checked between reads: the request ends within about 2 x `timeout` (the
+        deadline of `timeout`, plus at most one read that blocks up to `timeout`). requests' own timeout
+        applies per read, so without it a server that drips a byte at a time could hold a request for ever;
+        the body is read here."""
         start = time.monotonic()
         resp = self._session().post(self.url, json=body, headers=headers, timeout=self.timeout, stream=True)
         chunks = []

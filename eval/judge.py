@@ -252,9 +252,10 @@ def run_judge(input_path: str | Path, backend: Backend, *, summary_path: str | P
     return summary
 
 
-def offline_summary(records: list[dict], rule: str = STRICT) -> dict:
-    """H-Acc and M-Acc of records by an offline rule, in the judge summary's keys (for res.json)."""
-    items = judge_items(records, stored_old_refs(records))
+def offline_summary(records: list[dict], rule: str = STRICT, cases: list[dict] | None = None) -> dict:
+    """H-Acc and M-Acc of records by an offline rule, in the judge summary's keys (for res.json); `cases`
+    (the run's MQuAKE cases) give the old answers as eval.mquake.stored_old_refs reads them."""
+    items = judge_items(records, stored_old_refs(records, cases))
     rows = {it.key: offline_verdict(it, rule) for it in items}
     s = summarize_judged(attach_verdicts(records, rows))
     return {"overall_hop_wise_average": s["overall_hop_wise_average"], "accuracy_averages": s["accuracy_averages"]}

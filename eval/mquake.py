@@ -201,6 +201,13 @@ def alias_table(cases: Iterable[dict]) -> dict[str, list[str]]:
     return table
 
 
+def edited_rewrite(refs: set[str] | list[str], rewrites: list[dict]) -> int | None:
+    """The index of the rewrite a hop asks about: the first whose target_new is among the hop's answer
+    strings (None for a hop no rewrite touched)."""
+    refs = set(refs)
+    return next((i for i, rw in enumerate(rewrites) if target_str(rw["target_new"]) in refs), None)
+
+
 def old_refs_for(case: dict, hop: int | None, aliases: dict[str, list[str]] | None = None) -> list[str]:
     """The strings of the answer the edit replaced: for hop `hop` the target_true of the rewrite whose
     target_new the hop asks for (none for an unedited hop); for a multi-hop question (hop None) the
@@ -210,11 +217,10 @@ def old_refs_for(case: dict, hop: int | None, aliases: dict[str, list[str]] | No
         old = [case["answer"], *case.get("answer_alias", [])] if case.get("answer") else []
     else:
         new = case["new_single_hops"][hop]
-        refs = {new["answer"], *new.get("answer_alias", [])}
-        rws = [rw for rw in case["requested_rewrite"] if target_str(rw["target_new"]) in refs]
-        if not rws:
+        r = edited_rewrite({new["answer"], *new.get("answer_alias", [])}, case["requested_rewrite"])
+        if r is None:
             return []
-        old = [target_str(rws[0]["target_true"])]
+        old = [target_str(case["requested_rewrite"][r]["target_true"])]
     return list(dict.fromkeys(old + [a for o in old for a in aliases.get(o, [])]))
 
 
@@ -233,9 +239,9 @@ def stored_old_refs(records: list[dict], cases: list[dict] | None = None) -> dic
                 if case is not None and h < len(case["new_single_hops"]):
                     old = old_refs_for(case, h, aliases)
                 else:
-                    refs = set(d.get("ref") or []) if isinstance(d, dict) else set()
-                    old = [target_str(rw["target_true"]) for rw in rec.get("requested_rewrite") or []
-                           if target_str(rw["target_new"]) in refs][:1]
+                    rws = rec.get("requested_rewrite") or []
+                    r = edited_rewrite(d.get("ref") or [] if isinstance(d, dict) else [], rws)
+                    old = [] if r is None else [target_str(rws[r]["target_true"])]
                 out[(rec["case_id"], f"hop_wise_pred[{h}][{s}]")] = old
         for k, _ in enumerate(post.get("accuracy_pred") or []):
             out[(rec["case_id"], f"accuracy_pred[{k}]")] = old_refs_for(case, None, aliases) if case else []

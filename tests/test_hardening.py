@@ -54,6 +54,12 @@ def test_diverged_training_stops_the_case_and_never_finishes(tmp_path, capsys, m
     assert json.loads((d / "metrics.json").read_text()) == []
     assert main(args + ["--on_error", "skip"]) == 0
     assert info(d)["status"] == "incomplete" and "TrainingDiverged" in (d / "failures.jsonl").read_text()
+    assert "error" not in info(d) and info(d)["previous_stops"][0]["status"] == "failed"  # the stop is history
+    monkeypatch.undo()  # the loss is finite again: the same command finishes the run
+    assert main(args) == 0
+    final = info(d)
+    assert final["status"] == "finished" and not {"error", "failed_at"} & set(final)
+    assert "TrainingDiverged" in final["previous_stops"][0]["error"]
 
 
 def test_changed_data_is_not_resumed(tmp_path, capsys):
