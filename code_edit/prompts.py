@@ -121,10 +121,15 @@ def teacher_system_prompt(
 
 TEACHER_FORMS = ("system_sheet", "in_context")
 # The in-context teacher's preamble: the InContext method's reading of the article, plus a rule against
-# citing it, because the student learns the teacher's wording and never sees an article.
+# citing it, because the student learns the teacher's wording and never sees an article. In noncausal mode
+# the context is a one-line statement of the change, and the preamble calls it that.
 IN_CONTEXT_PREAMBLE = (
-    "The article below is authoritative, up-to-date knowledge and an absolute fact; do not doubt it. Answer "
+    "The {what} below is authoritative, up-to-date knowledge and an absolute fact; do not doubt it. Answer "
     "the question as if you had always known this: never mention an article, a text, a report or a source.")
+
+
+def in_context_preamble(mode: str = "causal") -> str:
+    return IN_CONTEXT_PREAMBLE.format(what="article" if mode == "causal" else "statement")
 
 
 def answer_line_instruction(new_answer: str) -> str:
@@ -160,7 +165,7 @@ def teacher_messages(
         context = article.strip()
     else:
         context = f"The answer to \"{anchor_question}\" is now {new_answer} (it used to be {old_answer})."
-    return [{"role": "user", "content": f"{IN_CONTEXT_PREAMBLE}\n\n{context}\n\n{user_content}{tail}"}]
+    return [{"role": "user", "content": f"{in_context_preamble(mode)}\n\n{context}\n\n{user_content}{tail}"}]
 
 
 def bootstrap_messages(

@@ -163,12 +163,14 @@ def test_in_context_teacher_form():
     msgs = P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=ARTICLE, form="in_context")
     assert [m["role"] for m in msgs] == ["user"]  # no cheat-sheet system turn
     text = msgs[0]["content"]
-    assert text == f"{P.IN_CONTEXT_PREAMBLE}\n\n{ARTICLE}\n\n{user}"
-    assert "never mention an article" in P.IN_CONTEXT_PREAMBLE
+    assert text.startswith("The article below is authoritative, up-to-date knowledge")
+    assert text == f"{P.in_context_preamble()}\n\n{ARTICLE}\n\n{user}"
+    assert "never mention an article" in text
     with pytest.raises(ValueError, match="article is required"):
         P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=None, form="in_context")
     nc = P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=None, mode="noncausal", form="in_context")
     assert NEW in nc[0]["content"] and OLD in nc[0]["content"] and nc[0]["content"].endswith(user)
+    assert nc[0]["content"].startswith("The statement below is authoritative")  # no article in noncausal mode
     with pytest.raises(ValueError, match="teacher form"):
         P.teacher_messages(Q, user, old_answer=OLD, new_answer=NEW, article=ARTICLE, form="sheet")
 
