@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, HparamsError, DatasetError, ValueError, FileNotFoundError, KeyError, OSError) as e:
         if debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, KeyError):  # a missing field: name it as one, and say where the traceback is
+            msg = f"missing key {e.args[0] if e.args else ''!r} (KeyError; --debug shows where)"
+        else:
+            msg = str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except Exception as e:  # hub access errors carry no common base class worth importing here

@@ -54,7 +54,7 @@ def our_name(gguf_name: str, path: Path) -> str:
         return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in _TOP_NAMES:
         return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
-    raise KeyError(f"unknown tensor in {path}: {gguf_name}")
+    raise ValueError(f"{path}: unknown tensor {gguf_name} (not a Llama/Qwen GGUF tensor name)")
 
 
 def unpermute(w: Tensor, n_heads: int) -> Tensor:

@@ -209,3 +209,11 @@ def test_sft_and_distillation_raise_on_a_non_finite_step():
     assert d.steps_done == 0
     assert all(torch.equal(a.isnan(), p.isnan()) and torch.equal(a.nan_to_num(), p.detach().nan_to_num())
                for a, p in zip(before, params))
+
+
+def test_a_stray_key_error_is_named_as_a_missing_key(tmp_path, capsys, monkeypatch):
+    def broken(args):
+        raise KeyError("peak_gpu_mem_bytes")
+    monkeypatch.setattr(R, "execute", broken)
+    assert main(cli_args(tmp_path, "PreEdited")) == 2
+    one_line_error(capsys, "missing key 'peak_gpu_mem_bytes'", "--debug")
