@@ -10,7 +10,7 @@ import torch
 from model import load_model
 from model.lora import LoraConfig, add_lora, disabled, lora_modules, lora_parameters, snapshot, swapped
 from test_sft import tiny_model
-from train.schedules import constant_with_warmup
+from train.schedules import lr_factor
 from train.distill import (DistillConfig, Distiller, DistillPrompt, repetition_ratio,
                            sequence_weights)
 from train.sft import SFTConfig, sft
@@ -223,8 +223,8 @@ def test_repetition_ratio_by_hand():
 
 
 def test_lr_schedule():
-    assert [constant_with_warmup(s, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    assert constant_with_warmup(0, 0) == 1.0
+    assert [lr_factor("constant_with_warmup", s, 0, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor("constant_with_warmup", 0, 0, 0) == 1.0
 
 
 def test_bad_input_is_named():
@@ -295,3 +295,9 @@ def test_distillation_teaches_the_closed_book_answer():
     assert losses[-1] < 0.1 * losses[0]
     with disabled(model):  # the teacher is untouched
         assert [p_next(model, closed_book(s), x) for s, x in facts] == pytest.approx(before, abs=1e-6)
+
+
+def test_unknown_schedule_is_refused_at_construction():
+    model = small_vocab_lora()
+    with pytest.raises(ValueError, match="DistillConfig.lr_scheduler must be one of"):
+        Distiller(model, lora_parameters(model), config(lr_scheduler="cosine_restarts"), stop_ids=[2])

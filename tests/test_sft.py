@@ -10,7 +10,7 @@ from model.config import ModelConfig
 from model.decoder import Transformer
 from model.lora import LoraConfig, add_lora, lora_parameters
 from train.losses import completion_ce_loss
-from train.schedules import warmup_cosine
+from train.schedules import lr_factor
 from train.sft import SFTConfig, pack, sft, sft_plan, truncate_example
 
 PROMPT = [1, 10, 11, 12, 13]
@@ -111,7 +111,7 @@ def plain_loop(model, examples, params, cfg: SFTConfig):
             for b0 in range(0, len(order), cfg.batch_size):
                 ids, _, labels = collate([examples[i] for i in order[b0:b0 + cfg.batch_size]])
                 for g in opt.param_groups:
-                    g["lr"] = cfg.lr * warmup_cosine(step, total, warmup)
+                    g["lr"] = cfg.lr * lr_factor("cosine", step, total, warmup)
                 h = model.hidden(ids)
                 loss = completion_ce_loss(h.reshape(-1, h.shape[-1]), model.lm_head.weight, labels.reshape(-1))
                 loss.backward()
@@ -169,7 +169,7 @@ def test_schedule_and_only_lora_changes():
     lrs = [d["lr"] for d in logs]
     assert lrs[:3] == pytest.approx([0.0, 0.5e-3, 1e-3], abs=1e-15)  # hand values
     assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 12 / 13)), rel=1e-12)
-    assert lrs == pytest.approx([1e-3 * warmup_cosine(s, 15, 2) for s in range(15)], rel=1e-12)
+    assert lrs == pytest.approx([1e-3 * lr_factor("cosine", s, 15, 2) for s in range(15)], rel=1e-12)
     # each epoch sees every example once: completion tokens per epoch = sum of completion lengths
     per_epoch = [sum(d["tokens"] for d in logs if d["epoch"] == e) for e in range(5)]
     assert per_epoch == [sum(len(c) for _, c in examples)] * 5
@@ -182,7 +182,7 @@ def test_schedule_and_only_lora_changes():
 def test_plan_matches_the_reference_schedule():
     assert sft_plan(25, 12, 125, 0.1) == (375, 38)  # docs/method.md 3.2: 3 steps/epoch, warmup ~38
     assert sft_plan(24, 12, 1, 0.1) == (2, 1)
-    assert warmup_cosine(38, 375, 38) == 1.0 and warmup_cosine(375, 375, 38) == 0.0
+    assert lr_factor("cosine", 38, 375, 38) == 1.0 and lr_factor("cosine", 375, 375, 38) == 0.0
 
 
 def test_truncation_keeps_the_prompt_end_and_the_completion():

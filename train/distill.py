@@ -19,7 +19,7 @@ from torch import nn
 from model.generate import Completion, generate
 from model.lora import disabled, lora_modules
 from train import TrainingDiverged
-from train.schedules import lr_factor
+from train.schedules import SCHEDULES, lr_factor
 from train.sft import pack
 from train.losses import DIRECTIONS, distill_loss, token_logprobs
 
@@ -99,6 +99,8 @@ def _check_config(cfg: DistillConfig) -> None:
             raise ValueError(f"DistillConfig.{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.warmup_steps < 0 or cfg.top_k_support < 0 or cfg.top_k < 0:
         raise ValueError("DistillConfig: warmup_steps, top_k_support and top_k must be >= 0")
+    if cfg.lr_scheduler not in SCHEDULES:
+        raise ValueError(f"DistillConfig.lr_scheduler must be one of {SCHEDULES}, got {cfg.lr_scheduler!r}")
 
 
 class _NoDropout(contextlib.AbstractContextManager):

@@ -23,10 +23,3 @@ def lr_factor(kind: str, step: int, total: int, warmup: int) -> float:
         return max(0.0, 1.0 - progress)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    return lr_factor("cosine", step, total, warmup)
-
-
-def constant_with_warmup(step: int, warmup: int) -> float:
-    return lr_factor("constant_with_warmup", step, 0, warmup)
