@@ -182,7 +182,7 @@ def assemble(arm: str, preset: str) -> Path:
     folders the records came from."""
     from code_edit.__main__ import build_parser
     from code_edit.config import upgrade_hparams
-    from code_edit.run import _requests_json, execute, planned_dir, prepare
+    from code_edit.run import _requests_json, execute, new_run_info, planned_dir, prepare, run_args_of
     from code_edit.run_folder import Journal, RunError
     from eval.files import append_jsonl, atomic_write_json, read_json
 
@@ -205,22 +205,19 @@ def assemble(arm: str, preset: str) -> Path:
     if missing:
         raise RunError(f"arm {arm}: no record of {', '.join(missing)} under {STUDY / 'MQuAKE-hard' / arm}")
     used = sorted({str(rows[(u.key, u.cases[0]['case_id'])][1].relative_to(ROOT)) for u in p.units})
-    want = flat_keys(json.loads(json.dumps(p.cfg.to_dict())))
+    info = new_run_info(args, p)
+    want = flat_keys(info["hparams"])
     for f in used:
         have = flat_keys(upgrade_hparams(read_json(ROOT / f / "meta" / "run_info.json", "run_info.json")["hparams"]))
         diff = sorted(k for k in set(want) | set(have) if k != "name" and want.get(k) != have.get(k))
         if diff:
             raise RunError(f"{f}: its hparams differ from preset {preset} on {', '.join(diff)}")
-    # 3) meta files as code_edit.run.open_run writes them, then the journal in run order
+    # 3) meta files as code_edit.run.open_run writes them (where and when the first range ran), then the
+    #    journal in run order
     first = read_json(folders[0] / "meta" / "run_info.json", "run_info.json")
-    run_args = {**vars(args), "editing_method": "CausalEdit", "model_type": preset, "exp_tag": p.exp_tag}
-    info = {"hparams": json.loads(json.dumps(p.cfg.to_dict())), "hparams_name": p.cfg.name, "method": "CausalEdit",
-            "model_source": p.cfg.model.source, "dtype": p.cfg.model.dtype, "eval_generation": first["eval_generation"],
-            "dataset": p.dataset, "started_at": first["started_at"], "git_commit": first.get("git_commit"),
-            "python": first.get("python"), "units_total": len(p.units), "status": "running",
-            "device": first.get("device"), "model_dtype": first.get("model_dtype"),
-            "device_name": first.get("device_name"), "assembled_from": used}
-    atomic_write_json(out / "meta" / "run_args.json", run_args)
+    info.update({k: first.get(k) for k in ("eval_generation", "started_at", "git_commit", "python", "device",
+                                            "model_dtype", "device_name")}, assembled_from=used)
+    atomic_write_json(out / "meta" / "run_args.json", run_args_of(args, p))
     atomic_write_json(out / "requests.json", _requests_json(p.units))
     atomic_write_json(out / "meta" / "run_info.json", info)
     append_jsonl(out / "metrics.jsonl", [{"unit": u.key, "case_id": u.cases[0]["case_id"],

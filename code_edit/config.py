@@ -187,6 +187,7 @@ _ZERO_OK = {
 }
 _FREE_INTS = {"lora.init_seed", "bootstrap.seed"}
 # Keys that no longer exist, and why; a file that still sets one gets this in its error.
+RENAMED = {"baseline_lora.num_steps": "baseline_lora.epochs"}
 REMOVED = {
     "internalize.importance_sampling": "removed: rollouts are sampled by the trained network itself, so the "
                                        "sampler/trainer importance ratio the reference corrects for is 1 "
@@ -194,9 +195,8 @@ REMOVED = {
     "internalize.importance_sampling_cap": "removed with internalize.importance_sampling",
     "internalize.disable_dropout": "removed: distillation always trains with LoRA dropout off (docs/method.md 3.5)",
     "internalize.seed": "removed: each distillation step's seed derives from the unit (case or group) key",
-    "baseline_lora.num_steps": "renamed to baseline_lora.epochs",
+    **{old: f"renamed to {new}" for old, new in RENAMED.items()},
 }
-RENAMED = {"baseline_lora.num_steps": "baseline_lora.epochs"}
 ADDED = {  # keys added since runs were first stored, at the value that is the behaviour of before
     "internalize.teacher_form": "system_sheet", "internalize.teacher_articles": "own",
     "internalize.teacher_answer_line": False,

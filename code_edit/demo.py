@@ -47,10 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def on_gpu(device: str | None) -> bool:
     """Where the runs will go: --device if given, else CUDA when there is one (python -m code_edit's rule)."""
-    if device is not None:
-        return device.startswith("cuda")
-    import torch
-    return torch.cuda.is_available()
+    from model.load import default_device
+    return (device or str(default_device())).startswith("cuda")
 
 
 def run_argv(method: str, a: argparse.Namespace, root: Path) -> list[str]:

@@ -190,6 +190,27 @@ def _requests_json(units: list[Unit]) -> list[dict]:
              "requests": [dataclasses.asdict(r) for r in u.requests]} for u in units]
 
 
+def run_args_of(args: Any, p: Prepared) -> dict:
+    """meta/run_args.json: the arguments, with the method, preset and tag as prepare() resolved them."""
+    run_args = {k: v for k, v in vars(args).items() if k != "cmd"}
+    run_args.update(editing_method=p.method, model_type=p.model_type, exp_tag=p.exp_tag)
+    return run_args
+
+
+def stored_hparams(cfg: CausalEditConfig) -> dict:
+    return json.loads(json.dumps(cfg.to_dict()))  # as stored in run_info.json (tuples become lists)
+
+
+def new_run_info(args: Any, p: Prepared) -> dict:
+    """meta/run_info.json of a run that starts now (the edit loop adds the device and the progress)."""
+    cfg = p.cfg
+    return {"hparams": stored_hparams(cfg), "hparams_name": cfg.name, "method": p.method,
+            "model_source": args.model_path or cfg.model.source, "dtype": cfg.model.dtype,
+            "eval_generation": dataclasses.asdict(cfg.eval), "dataset": p.dataset,
+            "started_at": dt.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit(),
+            "python": platform.python_version(), "units_total": len(p.units), "status": "running"}
+
+
 def planned_dir(args: Any, p: Prepared) -> tuple[Path, str]:
     """(parent folder, run folder name prefix) of the run the arguments describe; the run id follows."""
     parent = run_parent(args.output_root, args.datatype, p.model_type, p.method, p.exp_tag)
@@ -251,10 +272,9 @@ def open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Star
     meta files, repair the journals; returns the start message and run_info."""
     p = prepare(args)
     cfg, units = p.cfg, p.units
-    run_args = {k: v for k, v in vars(args).items() if k != "cmd"}
-    run_args.update(editing_method=p.method, model_type=p.model_type, exp_tag=p.exp_tag)
+    run_args = run_args_of(args, p)
     parent, prefix = planned_dir(args, p)
-    hparams = json.loads(json.dumps(cfg.to_dict()))  # as stored in run_info.json (tuples become lists)
+    hparams = stored_hparams(cfg)
     run_dir, resuming = choose_run_dir(parent, prefix, args.run_id, run_args, hparams, p.dataset["content_sha256"])
     run_args["run_id"] = run_dir.name[len(prefix):]
     stack.enter_context(locked(run_dir))  # held by rank 0 until every rank is done
@@ -276,11 +296,7 @@ def open_run(args: Any, ranks: Ranks, stack: contextlib.ExitStack) -> tuple[Star
             if dropped:
                 log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path.name, dropped)
     else:
-        info = {"hparams": hparams, "hparams_name": cfg.name, "method": p.method,
-                "model_source": args.model_path or cfg.model.source, "dtype": cfg.model.dtype,
-                "eval_generation": dataclasses.asdict(cfg.eval), "dataset": p.dataset,
-                "started_at": dt.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit(),
-                "python": platform.python_version(), "units_total": len(units), "status": "running"}
+        info = new_run_info(args, p)
         atomic_write_json(meta / "run_args.json", run_args)
         atomic_write_json(run_dir / "requests.json", planned)
     rows = journal_rows(run_dir, units)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import shutil
 import statistics
@@ -188,7 +189,6 @@ def judge_agreement() -> list:
 
 def reader_check(path: Path = READER_CHECK) -> str | None:
     """The strict grader against one blind reader on a random sample of the edit preset's answers."""
-    import json
     if not path.exists():
         return None
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

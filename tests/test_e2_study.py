@@ -15,20 +15,13 @@ STUDIED = {"bootstrap.learning_rate", "internalize.teacher_form", "internalize.t
            "internalize.teacher_answer_line", "internalize.max_steps_base", "internalize.max_steps_per_extra_edit"}
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def test_arms_change_only_studied_keys():
-    paper = flat(dataclasses.asdict(load_hparams("smollm2-135m-instruct")))
+    paper = e2_study.flat_keys(dataclasses.asdict(load_hparams("smollm2-135m-instruct")))
     arms = sorted((ROOT / "bench" / "study" / "e2").glob("*.toml"))
     assert len(arms) >= 7
     changed = {}
     for path in arms:
-        arm = flat(dataclasses.asdict(load_hparams(path)))
+        arm = e2_study.flat_keys(dataclasses.asdict(load_hparams(path)))
         diff = {k for k in paper if arm[k] != paper[k] and k != "name"}
         assert diff and diff <= STUDIED, (path.name, diff)
         changed[path.stem] = diff
@@ -42,7 +35,9 @@ def test_edit_preset_is_the_chosen_arm():
     """smollm2-135m-instruct_edit is the arm chosen on the development split (docs/e2_study.md), key for key."""
     preset = dataclasses.asdict(load_hparams("smollm2-135m-instruct_edit"))
     arm = dataclasses.asdict(load_hparams(ROOT / "bench" / "study" / "e2" / "sft-lr_answer-line.toml"))
-    assert {k: v for k, v in flat(preset).items() if k != "name"} == {k: v for k, v in flat(arm).items() if k != "name"}
+    def named_off(d):
+        return {k: v for k, v in e2_study.flat_keys(d).items() if k != "name"}
+    assert named_off(preset) == named_off(arm)
 
 
 def test_arm_argv_selects_the_asked_cases():
