@@ -108,9 +108,15 @@ def append(self, unit, records):
     # wait until both ranks have journaled their first unit: the cut is the same every time
     while not all((self.path.parent / f"metrics.rank{r}.jsonl").exists() for r in (0, 1)):
         time.sleep(0.05)
+    torn = self.path.parent / "torn.written"
     if os.environ["RANK"] == "1":  # and rank 1 dies in the middle of writing a line
         with open(self.path, "a") as f:
             f.write('{"unit": "case-999", "case_id": 999, "rec')
+        torn.touch()
+    else:  # rank 0 dies only after that: torchrun stops the other rank once one is gone
+        end = time.monotonic() + 60
+        while not torn.exists() and time.monotonic() < end:
+            time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGKILL)
 F.Journal.append = append
 from code_edit.__main__ import main
