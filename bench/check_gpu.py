@@ -1,6 +1,6 @@
 """GPU correctness check of the rollout engine: CUDA-graph and compiled decode against eager decode (fp32),
 the shared-prompt prefix (few prompts, many samples) against per-row caches, the cached decode against
-full recomputation, and SFT steps replayed from a CUDA graph against the same steps uncaptured. Prints one line per check; exits non-zero on failure."""
+full recomputation, the nucleus kernel, sampling with a merged adapter, and SFT steps replayed from a CUDA graph against the same steps uncaptured. Prints one line per check; exits non-zero on failure."""
 from __future__ import annotations
 
 import os
@@ -52,8 +52,45 @@ def main():
     same = x[0, len(prompts[1]):].tolist() == base_g[1].tokens
     print(f"cached vs full recompute: identical={same}")
     ok &= same
+    ok &= check_nucleus_kernel() & check_merged_lora(model, prompts)
     ok &= check_sft_graph(model.config)
     sys.exit(0 if ok else 1)
+
+
+def check_nucleus_kernel() -> bool:
+    """The Triton mass-above kernel against the masked-sum form, on a full-size vocabulary."""
+    import importlib
+    G = importlib.import_module("model.generate")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    probs = (torch.randn(300, 152064, device="cuda", generator=g) * 3).softmax(-1)
+    cand = probs.topk(16, dim=-1).indices[:, torch.randperm(16, device="cuda", generator=g)]
+    pc = probs.gather(1, cand)
+    want = torch.where(probs[:, None, :] > pc[:, :, None], probs[:, None, :], 0.0).sum(-1)
+    got = G._mass_above_triton(probs, pc)
+    d = float((got - want).abs().max())
+    good = G.triton is not None and d < 1e-5
+    print(f"nucleus mass-above kernel vs masked sums: max|d|={d:.1e}: {'ok' if good else 'FAILED'}")
+    return good
+
+
+def check_merged_lora(model, prompts) -> bool:
+    """Sampling with the adapter merged (the CUDA default) against unmerged, fp32 greedy; base restored."""
+    from model.lora import LoraConfig, add_lora, remove
+    before = [p.clone() for p in model.parameters()]
+    params = add_lora(model, LoraConfig(rank=8, alpha=16, dropout=0.0, seed=2))
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    outs = {}
+    for merge in ("1", "0"):
+        os.environ["CODE_EDIT_MERGE_LORA"] = merge
+        outs[merge] = [c.tokens for c in run(model, prompts, temperature=0)]
+    os.environ.pop("CODE_EDIT_MERGE_LORA")
+    remove(model)
+    restored = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    good = outs["1"] == outs["0"] and restored
+    print(f"merged-LoRA greedy identical to unmerged={outs['1'] == outs['0']}, base restored={restored}")
+    return good
 
 
 def check_sft_graph(mcfg) -> bool:

@@ -1,9 +1,17 @@
-"""Where a decode step's time goes (GPU): graph replay vs sampling, and the top kernels, for one shape.
-Usage: python bench/profile_decode.py --rows 36 --prompt 160 --new 64"""
+"""Where a generate call's time goes (GPU): the decode graph against everything outside it, and the
+kernels by kind (GEMMs, fused Triton, attention, top-k, noise, indexing), for one shape of the method.
+Random-init Qwen2.5-7B, no stop token. Run with TORCH_LOGS=recompiles to see recompiles: the script
+prints a marker before the timed calls, so any recompile line after it is one a real run would pay.
+
+Usage: python bench/profile_decode.py --prompts 4 --samples 64 --prompt-len 512 --new 512 [--lora] [--layers N]
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
+import time
+from collections import defaultdict
 
 import torch
 
@@ -12,23 +20,50 @@ from model import generate
 
 G = importlib.import_module("model.generate")
 
+KINDS = [  # first match wins
+    ("gemm", r"gemm|cutlass|sm90|nvjet|cublas|splitK"),
+    ("top-k", r"topk|radix|sort|bitonic|gatherTopK"),
+    ("noise", r"exponential|philox|distribution|uniform"),
+    ("triton (fused)", r"triton"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("copy / index", r"copy|index|gather|scatter|elementwise|cat|fill"),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pat in KINDS:
+        if re.search(pat, name, re.I):
+            return kind
+    return "other"
+
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=36)
-    ap.add_argument("--prompt", type=int, default=160)
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--lora", action="store_true", help="rank-12 LoRA on all seven projections, switched on")
+    ap.add_argument("--top", type=int, default=20, help="kernels listed")
     args = ap.parse_args()
     model = random_model(QWEN25_7B, layers=args.layers)
-    prompts = [list(range(100, 100 + args.prompt))]
-    run = lambda: generate(model, prompts, max_new_tokens=args.new, temperature=1.0, top_p=args.top_p,  # noqa
-                           num_samples=args.rows, stop_ids=[], seed=0)
+    if args.lora:
+        from model.lora import LoraConfig, add_lora
+        add_lora(model, LoraConfig(rank=12, alpha=24, dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 150000, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    run = lambda: generate(model, prompts, max_new_tokens=args.new, temperature=1.0, top_p=args.top_p,  # noqa: E731
+                           num_samples=args.samples, stop_ids=[], seed=0)
+    t0 = time.perf_counter()
     run()
-    # time the decode graph alone
-    times = []
-    real_call = G._Decoder.__call__
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    print(f"=== first call {first:.1f} s; timed calls follow (a recompile after this line is a defect)", flush=True)
+
+    # 1) the decode graph alone, by CUDA events around each replay
+    times, real_call = [], G._Decoder.__call__
 
     def timed_call(self, *a):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -40,21 +75,35 @@ def main():
 
     G._Decoder.__call__ = timed_call
     torch.cuda.synchronize()
-    s0, e0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s0.record()
+    t0 = time.perf_counter()
     run()
-    e0.record()
     torch.cuda.synchronize()
+    total = (time.perf_counter() - t0) * 1e3
     G._Decoder.__call__ = real_call
-    dec = sorted(s.elapsed_time(e) for s, e in times)
-    total = s0.elapsed_time(e0)
-    print(f"rows {args.rows}: total {total:.1f} ms for {args.new} tokens = {total / args.new:.2f} ms/step; "
-          f"decode graph median {dec[len(dec) // 2]:.2f} ms/step")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+    dec = sum(s.elapsed_time(e) for s, e in times)
+    rows = args.prompts * args.samples
+    print(f"rows {rows}, prompt {args.prompt_len}, new {args.new}, lora {args.lora}: {total:.0f} ms = "
+          f"{total / args.new:.2f} ms/step ({rows * args.new / total * 1e3:,.0f} tok/s); decode graph "
+          f"{dec / len(times):.2f} ms/step, outside it {(total - dec) / args.new:.2f} ms/step", flush=True)
+
+    # 2) the kernels, by kind
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.is_user_annotation:
+            us = ev.time_range.elapsed_us()
+            by_kind[kind_of(ev.name)] += us
+            by_name[ev.name][0] += us
+            by_name[ev.name][1] += 1
+    gpu = sum(by_kind.values())
+    print(f"GPU busy {gpu / 1e3:.0f} ms of {total:.0f} ms wall ({gpu / 1e3 / args.new:.2f} ms/step)")
+    for k, us in sorted(by_kind.items(), key=lambda x: -x[1]):
+        print(f"  {k:16s} {us / 1e3:8.1f} ms  {100 * us / gpu:5.1f}%  {us / 1e3 / args.new:.3f} ms/step")
+    print("top kernels (ms total, calls, name):")
+    for name, (us, n) in sorted(by_name.items(), key=lambda x: -x[1][0])[:args.top]:
+        print(f"  {us / 1e3:8.1f} {n:6d}  {name[:110]}")
 
 
 if __name__ == "__main__":

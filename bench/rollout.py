@@ -1,14 +1,17 @@
 """Rollout-engine benchmark (GPU): our `generate` against transformers `generate` on the same weights.
 
-Random-init Qwen2.5-7B in bf16, sampling to the length limit (no EOS), three shapes from the method:
-(a) 1 x 256 new tokens, (b) 4 prompts x 9 samples x 180 (one distillation step), (c) 256 x 512 (candidates).
-Usage: python bench/rollout.py [--out rollout.json] [--skip-hf] [--layers N]
-The decode step is compiled regionally (the default; CODE_EDIT_COMPILE_DECODE=0 measures graph replay of
-eager kernels). BENCHMARKS.md's table predates that: it was measured with a whole-step compile.
+Random-init Qwen2.5-7B in bf16, sampling to the length limit (no EOS), the method's shapes: (a) 1 x 256
+new tokens, (b) 4 prompts x 9 samples x 180 (one distillation step; also with the student's LoRA on,
+merged for sampling as generate does on CUDA, and unmerged), (c) 4 prompts x 64 x 512 (candidates),
+(d) 1 prompt of 640 tokens x 1,200 samples x 896 (one edit's stage-1 candidates; ours only: transformers
+would need a 1,200-row cache of the whole sequence).
+Usage: python bench/rollout.py [--out rollout.json] [--skip-hf] [--layers N] [--cases abcd]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import time
 
 import torch
@@ -17,24 +20,31 @@ from common import QWEN25_7B, device_line, hf_twin, measure_bandwidth, measure_m
     write_json
 from model import generate
 
+generate_mod = importlib.import_module("model.generate")
+
 CASES = {  # name: (prompts, samples, prompt length, new tokens)
     "a: 1 x 256": (1, 1, 32, 256),
     "b: 4 prompts x 9 x 180": (4, 9, 160, 180),
     "c: 4 prompts x 64 x 512": (4, 64, 512, 512),
+    "d: 1 prompt x 1200 x 896 (bootstrap)": (1, 1200, 640, 896),
 }
+NO_HF = {"d"}
 
 
-def floor_seconds(model, n_seq: int, prompt_len: int, new: int, bw: float, flops: float) -> float:
-    """Sum over decode steps of max(bytes / bandwidth, flops / matmul peak): weights once per step,
-    each sequence's KV cache read once per step, 2 flops per parameter per token."""
+def floor_seconds(model, n_prompts: int, n_samples: int, prompt_len: int, new: int, bw: float, flops: float) -> float:
+    """Sum over decode steps of max(bytes / bandwidth, flops / matmul peak): weights once per step, the
+    KV cache read once per step (a prompt the engine keeps as a shared prefix counted once, else once per
+    row), 2 flops per parameter per token."""
     cfg = model.config
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     nparams = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # embedding is a gather
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    n_seq = n_prompts * n_samples
+    shared = n_samples >= 2 and n_prompts <= generate_mod.SHARED_PREFIX_MAX_PROMPTS
     total = 0.0
     for t in range(new):
-        bytes_t = wbytes + n_seq * (prompt_len + t) * kv_tok
-        total += max(bytes_t / bw, 2 * nparams * n_seq / flops)
+        slots = n_prompts * prompt_len + n_seq * t if shared else n_seq * (prompt_len + t)
+        total += max((wbytes + slots * kv_tok) / bw, 2 * nparams * n_seq / flops)
     return total
 
 
@@ -48,7 +58,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
-    ap.add_argument("--cases", default="abc")
+    ap.add_argument("--cases", default="abcd")
     args = ap.parse_args()
 
     bw, flops = measure_bandwidth(), measure_matmul_flops()
@@ -69,12 +79,12 @@ def main():
         out, sec, peak = timed(run)
         ntok = sum(len(c.tokens) for c in out)
         assert ntok == n_p * n_s * new, ntok
-        floor = floor_seconds(model, n_p * n_s, plen, new, bw, flops)
+        floor = floor_seconds(model, n_p, n_s, plen, new, bw, flops)
         row = {"case": key, "tokens": ntok, "ours_s": sec, "ours_tok_s": ntok / sec, "ours_peak_gib": peak / 2**30,
                "first_call_s": warm, "floor_s": floor, "pct_of_floor": 100 * floor / sec}
         print(f"{key}: ours {ntok / sec:,.0f} tok/s ({sec:.2f} s, first call {warm:.1f} s), "
               f"{row['pct_of_floor']:.0f}% of floor, peak {peak / 2**30:.1f} GiB", flush=True)
-        if hf is not None:
+        if hf is not None and key[0] not in NO_HF:
             ids = torch.tensor(prompts, device="cuda").repeat_interleave(n_s, 0)
             hf_run = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,  # noqa: E731
                                          min_new_tokens=new, do_sample=True, temperature=1.0, top_p=0.9,
@@ -93,18 +103,23 @@ def main():
         add_lora(model, LoraConfig(rank=12, alpha=24, dropout=0.0))
         n_p, n_s, plen, new = CASES["b: 4 prompts x 9 x 180"]
         prompts = prompts_for(n_p, plen, model.config.vocab_size, seed=1)
-        run = lambda: generate(model, prompts, max_new_tokens=new, temperature=1.0, top_p=0.9,  # noqa: E731
-                               num_samples=n_s, stop_ids=[], seed=0)
-        t0 = time.perf_counter()
-        run()
-        warm = time.perf_counter() - t0
-        out, sec, peak = timed(run)
-        ntok = sum(len(c.tokens) for c in out)
-        floor = floor_seconds(model, n_p * n_s, plen, new, bw, flops)
-        rows.append({"case": "b + LoRA r12 (student rollouts)", "tokens": ntok, "ours_s": sec,
-                     "ours_tok_s": ntok / sec, "ours_peak_gib": peak / 2**30, "first_call_s": warm, "floor_s": floor,
-                     "pct_of_floor": 100 * floor / sec})
-        print(f"b + LoRA: ours {ntok / sec:,.0f} tok/s ({sec:.2f} s, first call {warm:.1f} s)", flush=True)
+        for merge in ("1", "0"):
+            os.environ["CODE_EDIT_MERGE_LORA"] = merge
+            run = lambda: generate(model, prompts, max_new_tokens=new, temperature=1.0, top_p=0.9,  # noqa: E731
+                                   num_samples=n_s, stop_ids=[], seed=0)
+            t0 = time.perf_counter()
+            run()
+            warm = time.perf_counter() - t0
+            out, sec, peak = timed(run)
+            ntok = sum(len(c.tokens) for c in out)
+            floor = floor_seconds(model, n_p, n_s, plen, new, bw, flops)
+            name = f"b + LoRA r12 (student rollouts), {'merged' if merge == '1' else 'unmerged'}"
+            rows.append({"case": name, "tokens": ntok, "ours_s": sec, "ours_tok_s": ntok / sec,
+                         "ours_peak_gib": peak / 2**30, "first_call_s": warm, "floor_s": floor,
+                         "pct_of_floor": 100 * floor / sec})
+            print(f"{name}: ours {ntok / sec:,.0f} tok/s ({sec:.2f} s, first call {warm:.1f} s), "
+                  f"{rows[-1]['pct_of_floor']:.0f}% of floor", flush=True)
+        os.environ.pop("CODE_EDIT_MERGE_LORA")
     print("\n| case | ours tok/s | % of floor | transformers tok/s | ratio | ours peak GiB | first call s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -133,28 +133,46 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     B, H, T, D = q.shape
     kv = k.shape[1]
     g = H // kv
-    if T == 1:  # decode: group query heads per KV head so the cache is read once, not copied g times
-        qg = q.view(B, kv, g, D)
-        s = torch.matmul(qg, k.transpose(-1, -2))
-        if prefix is not None:
-            # The shared prefix is read once for all rows: one [B*g, D] x [D, L] product per KV head,
-            # instead of B copies of the prompt's keys in the rows' own caches.
-            pk, pv = prefix
-            L = pk.shape[1]
-            qf = qg.transpose(0, 1).reshape(kv, B * g, D)
-            sp = torch.bmm(qf, pk.transpose(1, 2)).view(kv, B, g, L).transpose(0, 1)
-            s = torch.cat([sp, s], dim=-1)
-        s = s.float() * (1.0 / math.sqrt(D))
-        p = s.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-        if prefix is None:
-            return torch.matmul(p, v).view(B, H, 1, D)
-        own = torch.matmul(p[..., L:], v).float()
-        pp = p[..., :L].transpose(0, 1).reshape(kv, B * g, L)
-        shared = torch.bmm(pp, pv).view(kv, B, g, D).transpose(0, 1).float()
-        return (own + shared).to(v.dtype).reshape(B, H, 1, D)
+    if T == 1:
+        return _attend_decode(q.view(B, kv, g, D), k, v, mask, prefix).reshape(B, H, 1, D)
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _attend_decode(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: tuple[Tensor, Tensor] | None) -> Tensor:
+    """One decode step's attention, query heads grouped per KV head (qg [B, kv, g, D]) so the cache is read
+    once, not copied g times. With a shared prefix, its scores are one [B*g, D] x [D, L] product per KV head;
+    each part (prefix, own slots) gets its own softmax in its own layout, and the two are merged by their
+    maxima and sums (as split-KV decoding does), so no [B, H, L + S] score tensor is concatenated or
+    transposed (those copies were most of a step at 256 rows: BENCHMARKS "Rollout engine")."""
+    B, kv, g, D = qg.shape
+    scale = 1.0 / math.sqrt(D)
+    L = prefix[0].shape[1] if prefix is not None else 0
+    s = torch.matmul(qg, k.transpose(-1, -2)).float().mul(scale).masked_fill(~mask[..., L:], float("-inf"))
+    if prefix is None:
+        return torch.matmul(s.softmax(-1).to(v.dtype), v)
+    pk, pv = prefix
+    qf = qg.transpose(0, 1).reshape(kv, B * g, D)
+    sp = torch.bmm(qf, pk.transpose(1, 2)).view(kv, B, g, L).float().mul(scale)
+    sp = sp.masked_fill(~mask[..., :L].permute(1, 0, 2, 3), float("-inf"))  # [1, B, 1, L]: the row's own prompt
+    o_own, m_own, d_own = _partial_softmax_values(s, lambda e: torch.matmul(e, v), v.dtype)
+    o_pre, m_pre, d_pre = _partial_softmax_values(
+        sp, lambda e: torch.bmm(e.view(kv, B * g, L), pv).view(kv, B, g, D), v.dtype)
+    o_pre, m_pre, d_pre = o_pre.transpose(0, 1), m_pre.transpose(0, 1), d_pre.transpose(0, 1)  # small: [B, kv, g, .]
+    m = torch.maximum(m_own, m_pre)  # finite: every row sees its own prompt
+    w_own, w_pre = (m_own - m).exp(), (m_pre - m).exp()  # exp(-inf) = 0 for a part with no visible slot
+    out = o_own.float() * w_own + o_pre.float() * w_pre
+    return (out / (d_own * w_own + d_pre * w_pre)).to(v.dtype)
+
+
+def _partial_softmax_values(s: Tensor, values, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """exp(s - max) (cast to the values' dtype) times the values, the max and the sum of the exponentials
+    (both [..., 1]), for scores s [..., N] (fp32, -inf where masked). A part with no visible slot gives max -inf: its exponentials are
+    computed against 0 instead, so they are 0, not NaN."""
+    m = s.amax(-1, keepdim=True)
+    e = (s - torch.where(m.isfinite(), m, 0.0)).exp()
+    return values(e.to(dtype)), m, e.sum(-1, keepdim=True)
 
 
 class MLP(nn.Module):
@@ -171,8 +189,9 @@ class MLP(nn.Module):
 
 def project(x: Tensor, mods: tuple[nn.Module, ...], fused: tuple[Tensor, Tensor | None] | None) -> list[Tensor]:
     """Several projections of one input. With fused weights (see `Transformer.fuse_projections`) the base
-    products are one matmul, and each module's adapter term (LoRA `delta`) is added to its slice."""
-    if fused is None or any(getattr(m, "merged", False) for m in mods):
+    products are one matmul, and each module's adapter term (LoRA `delta`) is added to its slice. A merged
+    adapter lives in the fused weight too; only a merged one switched off needs each module's saved base."""
+    if fused is None or any(getattr(m, "merged", False) and m.disabled for m in mods):
         return [m(x) for m in mods]
     outs = F.linear(x, *fused).split([m.weight.shape[0] for m in mods], dim=-1)
     res = []

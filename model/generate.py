@@ -8,6 +8,7 @@ every `SYNC_EVERY` steps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -18,7 +19,13 @@ from torch import Tensor
 
 from .decoder import KVCache, Transformer, padding_mask, positions_from_mask
 from .cuda_graph import GraphedStep
-from .lora import lora_modules
+from .lora import lora_modules, merged_for_inference
+
+try:  # GPU builds of torch ship Triton; CPU builds need none of it
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 SYNC_EVERY = 16  # decode steps between host checks (all done? compact?)
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill chunk
@@ -69,7 +76,10 @@ def nucleus_keep(probs: Tensor, cand: Tensor, top_p: float) -> Tensor:
     """Whether each candidate token [B, M] survives transformers' top-p filter: kept iff the mass of the
     tokens more likely than it is below top_p. Computed without sorting the vocabulary."""
     pc = probs.gather(1, cand)
-    if probs.is_cuda:  # M masked sums; fused into one pass by torch.compile (scatter_add's atomics crawl here)
+    if probs.is_cuda:
+        if triton is not None and cand.shape[1] == RACE_CANDIDATES:
+            return _mass_above_triton(probs, pc) < top_p
+        # M masked sums (scatter_add's atomics crawl here); compiled, each still reads the row once
         above = torch.where(probs[:, None, :] > pc[:, :, None], probs[:, None, :], 0.0).sum(-1)
         return above < top_p
     thr, order = pc.sort(dim=1)  # CPU: bucket every token between the sorted candidate probabilities
@@ -78,6 +88,31 @@ def nucleus_keep(probs: Tensor, cand: Tensor, top_p: float) -> Tensor:
     hist.scatter_add_(1, count, probs)
     above = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # above[m] = mass of tokens above the m-th threshold
     return torch.empty_like(above, dtype=torch.bool).scatter_(1, order, above < top_p)
+
+
+if triton is not None:
+    @triton.jit
+    def _mass_above_kernel(P, C, O, V, stride, M: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        m = tl.arange(0, M)
+        thr = tl.load(C + row * M + m)
+        acc = tl.zeros([M, BLOCK], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            p = tl.load(P + row * stride + offs, mask=offs < V, other=0.0)
+            acc += tl.where(p[None, :] > thr[:, None], p[None, :], 0.0)
+        tl.store(O + row * M + m, tl.sum(acc, axis=1))
+
+
+@torch.compiler.disable  # a graph break is cheaper than tracing a user kernel with symbolic sizes
+def _mass_above_triton(probs: Tensor, pc: Tensor) -> Tensor:
+    """For each row and candidate, the mass of the tokens more likely than it: all RACE_CANDIDATES
+    thresholds in one read of the row (the masked-sum form reads it once per candidate)."""
+    probs, pc = probs.contiguous(), pc.contiguous()
+    out = torch.empty_like(pc)
+    _mass_above_kernel[(probs.shape[0],)](probs, pc, out, probs.shape[1], probs.stride(0), M=pc.shape[1],
+                                          BLOCK=1024, num_warps=8)
+    return out
 
 
 def next_token(logits: Tensor, noise: Tensor | None, seen: Tensor | None, p: SamplingParams) -> tuple[Tensor, Tensor]:
@@ -170,6 +205,13 @@ def release(model: Transformer) -> None:
 
 def _use_compile() -> bool:
     return os.environ.get("CODE_EDIT_COMPILE", "1") != "0"
+
+
+def _merge_lora(device: torch.device) -> bool:
+    """Sample from an active adapter merged into the base weights (CUDA): the unmerged adapter's small
+    products cost more than a decode step's weight reads at rollout batch sizes (BENCHMARKS "Rollout").
+    The weights are rounded once to the model dtype; on CPU (the exactness tests) it stays unmerged."""
+    return device.type == "cuda" and os.environ.get("CODE_EDIT_MERGE_LORA", "1") != "0"
 
 
 def _use_graphs() -> bool:
@@ -285,32 +327,37 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
 
     was_training = model.training
     model.eval()
-    shared = num_samples >= 2 and len(prompts) <= SHARED_PREFIX_MAX_PROMPTS
     try:
-        # Longest prompts first: batches of similar length waste less padding.
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        rows = [(i, s) for i in order for s in range(num_samples)]
-        results: dict[tuple[int, int], Completion] = {}
-        start = 0
-        while start < len(rows):
-            P = len(prompts[rows[start][0]])
-            if shared:
-                n = _plan_rows(model, max_new_tokens, len(rows) - start, max_batch, len(prompts) * (P + 64))
-            else:
-                n = _plan_rows(model, P + max_new_tokens, len(rows) - start, max_batch)
-            try:
-                for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, gen,
-                                    shared):
-                    results[(c.prompt_index, c.sample_index)] = c
-                start += n
-            except torch.OutOfMemoryError:
-                if n == 1:
-                    raise
-                release(model)
-                max_batch = max(1, n // 2)  # split and carry on: a long run never dies of it
-        return [results[(i, s)] for i in range(len(prompts)) for s in range(num_samples)]
+        with merged_for_inference(model) if _merge_lora(device) else contextlib.nullcontext():
+            return _run_rows(model, prompts, num_samples, max_new_tokens, params, stops, gen, max_batch)
     finally:
         model.train(was_training)
+
+
+def _run_rows(model, prompts, num_samples, max_new_tokens, params, stops, gen, max_batch) -> list[Completion]:
+    """Every (prompt, sample) row, in batches that fit the GPU, longest prompts first (batches of similar
+    length waste less padding)."""
+    shared = num_samples >= 2 and len(prompts) <= SHARED_PREFIX_MAX_PROMPTS
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    rows = [(i, s) for i in order for s in range(num_samples)]
+    results: dict[tuple[int, int], Completion] = {}
+    start = 0
+    while start < len(rows):
+        P = len(prompts[rows[start][0]])
+        if shared:
+            n = _plan_rows(model, max_new_tokens, len(rows) - start, max_batch, len(prompts) * (P + 64))
+        else:
+            n = _plan_rows(model, P + max_new_tokens, len(rows) - start, max_batch)
+        try:
+            for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, gen, shared):
+                results[(c.prompt_index, c.sample_index)] = c
+            start += n
+        except torch.OutOfMemoryError:
+            if n == 1:
+                raise
+            release(model)
+            max_batch = max(1, n // 2)  # split and carry on: a long run never dies of it
+    return [results[(i, s)] for i in range(len(prompts)) for s in range(num_samples)]
 
 
 def _prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, row_prompt: Tensor, P: int) -> Tensor:

@@ -195,6 +195,21 @@ def merge(model: nn.Module) -> None:
         m.merged = True
 
 
+@contextlib.contextmanager
+def merged_for_inference(model: nn.Module) -> Iterator[bool]:
+    """Inside the block an active adapter is merged (one matmul per projection instead of three), then
+    unmerged exactly; yields whether it merged. A no-op without LoRA, or while it is off or merged."""
+    mods = lora_modules(model)
+    if not mods or any(m.disabled or m.merged for _, m in mods):
+        yield False
+        return
+    merge(model)
+    try:
+        yield True
+    finally:
+        unmerge(model)
+
+
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
     """Put the saved base weight back (exact, not W - scale*B@A)."""

@@ -259,3 +259,45 @@ def test_nucleus_keep_cuda_form_equals_cpu_form(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert torch.equal(G.nucleus_keep(probs, cand, 0.7), cpu)
     assert cpu.any() and not cpu.all()
+
+
+def test_generate_with_merged_lora_samples_the_adapter_and_restores_the_base(pair, monkeypatch):
+    """On CUDA an active adapter is merged for sampling: the same greedy tokens as the unmerged adapter
+    (fp32), the base weights bit for bit afterwards, and the adapter still trainable. A switched-off
+    adapter is not merged (the teacher samples the base)."""
+    from model.lora import LoraConfig, add_lora, disabled, lora_modules, remove
+    _, m = pair
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    params = add_lora(m, LoraConfig(rank=4, alpha=8, dropout=0.0, seed=1))
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.3)
+    try:
+        prompts = ragged(3)
+        unmerged = generate(m, prompts, max_new_tokens=12, temperature=0, stop_ids=[])
+        with disabled(m):
+            base = generate(m, prompts, max_new_tokens=12, temperature=0, stop_ids=[])
+        calls = []
+        real = G.merged_for_inference
+
+        def spy(model):
+            calls.append(not any(x.disabled for _, x in lora_modules(model)))
+            return real(model)
+
+        monkeypatch.setattr(G, "_merge_lora", lambda device: True)
+        monkeypatch.setattr(G, "merged_for_inference", spy)
+        merged = generate(m, prompts, max_new_tokens=12, temperature=0, stop_ids=[])
+        with disabled(m):
+            base_again = generate(m, prompts, max_new_tokens=12, temperature=0, stop_ids=[])
+        assert [c.tokens for c in merged] == [c.tokens for c in unmerged] != [c.tokens for c in base]
+        assert [c.tokens for c in base_again] == [c.tokens for c in base]
+        assert calls == [True, False] and not any(x.merged for _, x in lora_modules(m))
+        for c, u in zip(merged, unmerged):
+            assert max(abs(a - b) for a, b in zip(c.logprobs, u.logprobs)) < 1e-4
+        m.train()
+        m(torch.tensor([prompts[0]])).sum().backward()  # the adapter trains after an in-place merge/unmerge
+        assert all(p.grad is not None for p in params)
+    finally:
+        m.eval()
+        remove(m)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
