@@ -95,11 +95,14 @@ def check_merged_lora(model, prompts) -> bool:
 
 def check_sft_graph(mcfg) -> bool:
     """SFT steps replayed from one CUDA graph against the same fixed-shape steps launched one by one
-    (compiled blocks in both, fp32, adapter dropout 0 so both draw nothing random): same losses, adapter."""
+    (compiled blocks in both, fp32, adapter dropout 0 so both draw nothing random), over several length
+    buckets (one graph each): same losses, adapter."""
     from model.decoder import Transformer
     from model.lora import LoraConfig, add_lora, lora_parameters
+    import train.sft as S
     from train.sft import SFTConfig, sft
     os.environ["CODE_EDIT_COMPILE"], os.environ["CODE_EDIT_CUDA_GRAPHS"] = "1", "1"
+    S.LENGTH_STEP = 16  # several length buckets: one graph each, replayed in mixed order
     g = torch.Generator().manual_seed(1)
     ex = [(torch.randint(10, 4000, (int(n),), generator=g).tolist(), torch.randint(10, 4000, (int(m),), generator=g).tolist())
           for n, m in zip(torch.randint(20, 90, (10,), generator=g), torch.randint(5, 40, (10,), generator=g))]
@@ -114,8 +117,10 @@ def check_sft_graph(mcfg) -> bool:
     (a, pa), (b, pb) = outs
     dl = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a["losses"], b["losses"]))
     dp = max(float((x - y).abs().max()) for x, y in zip(pa, pb))
-    good = b["cuda_graph"] and not a["cuda_graph"] and dl < 1e-4 and dp < 1e-4 and a["losses"][-1] < a["losses"][0]
-    print(f"sft: graph replay used={b['cuda_graph']}; max rel|dloss|={dl:.2e} over {len(a['losses'])} steps, "
+    good = (b["cuda_graph"] and not a["cuda_graph"] and dl < 1e-4 and dp < 1e-4 and a["losses"][-1] < a["losses"][0]
+            and b["shapes"] > 1)
+    print(f"sft: graph replay used={b['cuda_graph']} over {b['shapes']} shapes (padding {b['padding']:.0%}); "
+          f"max rel|dloss|={dl:.2e} over {len(a['losses'])} steps, "
           f"max|dparam|={dp:.2e}, loss {a['losses'][0]:.3f} -> {a['losses'][-1]:.3f}: {'ok' if good else 'FAILED'}")
     # Dropout inside a compiled function inside a graph must draw new masks at every replay, not replay one.
     import torch.nn.functional as F

@@ -11,6 +11,7 @@ from model.decoder import Transformer
 from model.lora import LoraConfig, add_lora, lora_parameters
 from train.losses import completion_ce_loss
 from train.schedules import lr_factor
+import train.sft as S
 from train.sft import SFTConfig, pack, sft, sft_plan, truncate_example
 
 PROMPT = [1, 10, 11, 12, 13]
@@ -140,10 +141,13 @@ def test_equals_the_plain_loop_up_to_the_early_stop():
     assert all(torch.equal(a, b) for a, b in zip(params2, params))
 
 
-def test_fixed_shape_batches_equal_the_plain_loop():
-    """The padding the CUDA-graph step runs (every batch at the longest row, the full batch size and the
-    most learned tokens of any batch; here a 10-example set whose last batch is short), without the
-    graph: the same losses and adapter as the plain loop, up to float rounding of other matmul shapes."""
+@pytest.mark.parametrize("step", [64, 2])
+def test_fixed_shape_batches_equal_the_plain_loop(step, monkeypatch):
+    """The padding the CUDA-graph steps run (each batch at its length bucket, with the most learned tokens
+    of that bucket's batches; here a 10-example set whose last batch is short), without the graph: the
+    same losses and adapter as the plain loop, up to float rounding of other matmul shapes. A step of 2
+    makes several buckets, so batches of one run have different shapes."""
+    monkeypatch.setattr(S, "LENGTH_STEP", step)
     examples = [(PROMPT[: 1 + i % 5], COMPLETION[: 2 + i % 6]) for i in range(10)]
     cfg = SFTConfig(lr=2e-2, epochs=6, batch_size=4, max_grad_norm=1.0, stop_loss=None)
     model, params = lora_model(dropout=0.0)
@@ -152,9 +156,21 @@ def test_fixed_shape_batches_equal_the_plain_loop():
     out = sft(model2, examples, params2, cfg, fixed_shapes=True)
     assert out["losses"] == pytest.approx(want, rel=1e-4, abs=1e-5) and out["cuda_graph"] is False
     assert len(want) == 18 and want[-1] < want[0] - 1.0  # it trained
+    assert (out["shapes"] > 3) == (step == 2) and 0 < out["padding"] < 1
     for a, b in zip(params2, params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
+
+def test_step_shapes_bucket_each_batch_by_its_own_longest_row(monkeypatch):
+    """Hand-built plan: a batch's positions are its longest row (prompt + completion - 1) rounded up to
+    LENGTH_STEP; batches of one (rows, positions) bucket share the most learned tokens among them."""
+    monkeypatch.setattr(S, "LENGTH_STEP", 8)
+    r = lambda p, c: ([1] * p, [2] * c)  # noqa: E731
+    plan = [(0, [r(3, 2), r(5, 4)]), (0, [r(2, 2), r(2, 3)]), (1, [r(10, 6), r(1, 1)]), (1, [r(1, 1)])]
+    # longest rows: 8, 4, 15, 1 -> 8, 8, 16, 8; learned: 6, 5, 7, 1
+    assert S._step_shapes(plan) == [(2, 8, 6), (2, 8, 6), (2, 16, 7), (1, 8, 1)]
+    for (_, b), shape in zip(plan, S._step_shapes(plan)):
+        assert S.pack(b, shape).ids.shape == shape[:2]
 
 
 def test_schedule_and_only_lora_changes():

@@ -23,6 +23,7 @@ from train.schedules import lr_factor
 from train.losses import weighted_ce_at
 
 log_ = logging.getLogger(__name__)  # `log` is sft's per-step callback argument
+LENGTH_STEP = 64  # padded batch lengths are multiples of this: few shapes (graphs), little padding
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Batch:
     targets: torch.Tensor
     weight: torch.Tensor
     tokens: int
+    real: int  # positions holding a real token (the rest is padding)
 
     def to(self, device) -> tuple[torch.Tensor, ...]:
         ts = (self.ids, self.rows, self.targets, self.weight)
@@ -102,7 +104,7 @@ def pack(rows: list[tuple[list[int], list[int]]], shape: tuple[int, int, int] | 
     weight = torch.zeros(R, dtype=torch.float32)
     weight[:n_learn] = 1.0 / n_learn
     return Batch(ids, torch.tensor(pos + [0] * pad, dtype=torch.long), torch.tensor(tgt + [0] * pad, dtype=torch.long),
-                 weight, n_learn)
+                 weight, n_learn, sum(len(q) for q in seqs))
 
 
 def right_padded_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -172,9 +174,10 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     would apply), RMSNorm/RoPE and the loss compute in fp32 explicitly, and the gradients land on the
     fp32 masters; autocast would add only its cast cache. An fp32 model stays fp32 (tests, CPU).
 
-    With CUDA graphs (use_cuda_graphs) every batch is padded to one shape: the longest row of the data,
-    the batch size, and the most learned tokens of any planned batch; padding adds nothing to the loss.
-    `fixed_shapes` (default: exactly when graphs are used) runs that padding without a graph, to check it.
+    With CUDA graphs (use_cuda_graphs) each batch is padded to its bucket's shape (`_step_shapes`), one
+    graph per bucket; padding adds nothing to the loss. `fixed_shapes` (default: exactly when graphs are
+    used) runs that padding without a graph, to check it. "padding" in the result is the fraction of the
+    positions run that were padding.
     """
     # 1) the data, the schedule and the batch plan
     device = model.lm_head.weight.device
@@ -189,7 +192,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     plan = _batch_plan(rows, cfg)
     graphs = use_cuda_graphs(device, cfg)
-    shape = _fixed_shape(rows, plan, cfg) if (graphs if fixed_shapes is None else fixed_shapes) else None
+    shapes = _step_shapes(plan) if (graphs if fixed_shapes is None else fixed_shapes) else None
     # 2) the model in training mode
     t0 = time.perf_counter()
     ckpt_before = model.gradient_checkpointing
@@ -211,20 +214,20 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     record = _Recorder(cfg, log)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        run, graphed = step_fn, False
+        run = _GraphPerShape(step_fn, params) if graphs else step_fn
         try:
-            if graphs:
-                run, graphed = _capture(step_fn, pack(plan[0][1], shape).to(device), params)
-            stopped = _run_steps(run, graphed, plan, shape, device, opt, cfg, total, warmup, record)
+            stopped = _run_steps(run, plan, shapes, device, opt, cfg, total, warmup, record)
         finally:
             model.gradient_checkpointing = ckpt_before
             model.eval()
             for p in params:  # frees a graph's gradient buffers with the graph
                 p.grad = None
+            run_graphed = isinstance(run, _GraphPerShape) and run.graphed
             del run
     return {"steps": len(record.losses), "final_loss": record.losses[-1], "stopped_early": stopped,
             "losses": record.losses, "total_steps": total, "truncated": truncated,
-            "seconds": time.perf_counter() - t0, "cuda_graph": graphed}
+            "seconds": time.perf_counter() - t0, "cuda_graph": run_graphed,
+            "shapes": len(set(shapes)) if shapes else None, "padding": record.padding()}
 
 
 def _batch_plan(rows: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> list[tuple[int, list]]:
@@ -237,21 +240,50 @@ def _batch_plan(rows: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> list
     return plan
 
 
-def _fixed_shape(rows: list, plan: list, cfg: SFTConfig) -> tuple[int, int, int]:
-    """(rows, positions rounded up to 8, learned tokens) that every planned batch fits."""
-    T = max(len(p) + len(c) - 1 for p, c in rows)
-    return min(cfg.batch_size, len(rows)), T + (-T) % 8, max(sum(len(c) for _, c in b) for _, b in plan)
+def _step_shapes(plan: list) -> list[tuple[int, int, int]]:
+    """Each planned batch's padded shape (rows, positions, learned tokens): positions rounded up to
+    LENGTH_STEP, and within one (rows, positions) bucket the most learned tokens of its batches, so a
+    bucket is one shape (one CUDA graph) and a batch pays only for its own longest row, not the data's."""
+    keys = []
+    for _, b in plan:
+        T = max(len(p) + len(c) - 1 for p, c in b)
+        keys.append((len(b), T + (-T) % LENGTH_STEP))
+    learned: dict[tuple[int, int], int] = {}
+    for k, (_, b) in zip(keys, plan):
+        learned[k] = max(learned.get(k, 0), sum(len(c) for _, c in b))
+    return [(B, T, learned[(B, T)]) for B, T in keys]
 
 
-def _capture(step_fn: Callable, example: tuple, params: list[nn.Parameter]) -> tuple[Callable, bool]:
-    """The step as a CUDA graph, or the plain step when a kernel cannot be captured."""
-    try:
-        return GraphedStep(step_fn, example, params=params), True
-    except Exception as e:  # the same steps, launched one by one
-        log_.warning("sft: CUDA graph capture failed (%s: %s); running uncaptured", type(e).__name__, e)
-        for p in params:
-            p.grad = None
-        return step_fn, False
+class _GraphPerShape:
+    """The step replayed from one CUDA graph per input shape, captured on first use into one memory pool
+    (steps run one after another, so the graphs' scratch memory can be shared). Each graph's backward
+    writes its own gradient buffers: before a replay the parameters' .grad are pointed at that graph's,
+    for the optimizer to read. If a kernel cannot be captured, every step runs uncaptured."""
+
+    def __init__(self, step_fn: Callable, params: list[nn.Parameter]):
+        self.step_fn, self.params, self.graphs, self.pool, self.graphed = step_fn, params, {}, None, True
+
+    def __call__(self, *inputs: torch.Tensor):
+        if not self.graphed:
+            return self.step_fn(*inputs)
+        key = tuple(t.shape for t in inputs)
+        g = self.graphs.get(key)
+        if g is None:
+            try:
+                self.pool = self.pool or torch.cuda.graph_pool_handle()
+                g = GraphedStep(self.step_fn, inputs, params=self.params, pool=self.pool)
+            except Exception as e:  # the same steps, launched one by one
+                log_.warning("sft: CUDA graph capture failed (%s: %s); running uncaptured", type(e).__name__, e)
+                self.graphed, self.graphs = False, {}
+                for p in self.params:
+                    p.grad = None
+                return self.step_fn(*inputs)
+            self.graphs[key] = (g, [p.grad for p in self.params])
+            g = self.graphs[key]
+        graph, grads = g
+        for p, gr in zip(self.params, grads):
+            p.grad = gr
+        return graph(*inputs)
 
 
 class _Recorder:
@@ -259,6 +291,15 @@ class _Recorder:
 
     def __init__(self, cfg: SFTConfig, log: Callable[[dict], None] | None):
         self.cfg, self.log, self.losses, self.below = cfg, log, [], 0
+        self.run_positions, self.real_positions = 0, 0
+
+    def positions(self, b: Batch) -> None:
+        """Count a batch's positions: run (its padded shape) and real (its rows' tokens)."""
+        self.run_positions += b.ids.numel()
+        self.real_positions += b.real
+
+    def padding(self) -> float:
+        return 1.0 - self.real_positions / self.run_positions if self.run_positions else 0.0
 
     def __call__(self, pending: tuple) -> bool:
         """Record one step; whether it stops the run."""
@@ -275,7 +316,7 @@ class _Recorder:
         return stop is not None and self.below >= self.cfg.stop_consecutive
 
 
-def _run_steps(run: Callable, graphed: bool, plan: list, shape: tuple | None, device: torch.device,
+def _run_steps(run: Callable, plan: list, shapes: list | None, device: torch.device,
                opt: torch.optim.Optimizer, cfg: SFTConfig, total: int, warmup: int, record: _Recorder) -> bool:
     """Every planned step; whether the early stop ended them. Step k's loss is read after step k+1's forward
     and backward are queued, so the host never waits for an idle GPU (a 135M model's step is launch-bound).
@@ -283,7 +324,8 @@ def _run_steps(run: Callable, graphed: bool, plan: list, shape: tuple | None, de
     and logs are those of the plain loop."""
     pending = None
     for step, (epoch, batch) in enumerate(plan):
-        b = pack(batch, shape)
+        b = pack(batch, shapes[step] if shapes else None)
+        record.positions(b)
         loss, gnorm = run(*b.to(device))
         if pending is not None and record(pending):
             opt.zero_grad(set_to_none=True)
@@ -293,7 +335,7 @@ def _run_steps(run: Callable, graphed: bool, plan: list, shape: tuple | None, de
             g["lr"] = lr
         stats = _StepStats(loss, gnorm)
         opt.step()
-        if not graphed:  # a graph's gradients are static buffers that each replay overwrites
+        if not getattr(run, "graphed", False):  # a graph's gradients are static buffers each replay overwrites
             opt.zero_grad(set_to_none=True)
         pending = (step + 1, epoch, lr, b.tokens, stats)
     return record(pending) if pending is not None else False
