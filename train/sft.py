@@ -227,7 +227,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     return {"steps": len(record.losses), "final_loss": record.losses[-1], "stopped_early": stopped,
             "losses": record.losses, "total_steps": total, "truncated": truncated,
             "seconds": time.perf_counter() - t0, "cuda_graph": run_graphed,
-            "shapes": len(set(shapes)) if shapes else None, "padding": record.padding()}
+            "shapes": len(set(shapes)) if shapes else None, "padding": round(record.padding(), 4)}
 
 
 def _batch_plan(rows: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> list[tuple[int, list]]:
