@@ -64,17 +64,27 @@ def check_nucleus_kernel() -> bool:
     g = torch.Generator(device="cuda").manual_seed(5)
     probs = (torch.randn(300, 152064, device="cuda", generator=g) * 3).softmax(-1)
     cand = probs.topk(16, dim=-1).indices[:, torch.randperm(16, device="cuda", generator=g)]
+    if G.triton is None:
+        print("nucleus mass-above kernel: Triton is missing: FAILED")
+        return False
     pc = probs.gather(1, cand)
-    want = torch.where(probs[:, None, :] > pc[:, :, None], probs[:, None, :], 0.0).sum(-1)
     got = G._mass_above_triton(probs, pc)
+    keep = G.nucleus_keep(probs, cand, 0.9)  # the kernel's decision
+    G.triton, triton = None, G.triton
+    try:
+        want_keep = G.nucleus_keep(probs, cand, 0.9)  # the masked-sum form's
+    finally:
+        G.triton = triton
+    want = torch.where(probs[:, None, :] > pc[:, :, None], probs[:, None, :], 0.0).sum(-1)
     d = float((got - want).abs().max())
-    good = G.triton is not None and d < 1e-5
-    print(f"nucleus mass-above kernel vs masked sums: max|d|={d:.1e}: {'ok' if good else 'FAILED'}")
+    good = d < 1e-5 and torch.equal(keep, want_keep)
+    print(f"nucleus mass-above kernel vs masked sums: max|d|={d:.1e}, same memberships="
+          f"{torch.equal(keep, want_keep)}: {'ok' if good else 'FAILED'}")
     return good
 
 
 def check_merged_lora(model, prompts) -> bool:
-    """Sampling with the adapter merged (the CUDA default) against unmerged, fp32 greedy; base restored."""
+    """Sampling with the adapter merged (CODE_EDIT_MERGE_LORA=1) against unmerged, fp32 greedy; base restored."""
     from model.lora import LoraConfig, add_lora, remove
     before = [p.clone() for p in model.parameters()]
     params = add_lora(model, LoraConfig(rank=8, alpha=16, dropout=0.0, seed=2))
@@ -82,11 +92,13 @@ def check_merged_lora(model, prompts) -> bool:
         for p in params:
             p.normal_(0, 0.05)
     outs = {}
-    for merge in ("1", "0"):
-        os.environ["CODE_EDIT_MERGE_LORA"] = merge
-        outs[merge] = [c.tokens for c in run(model, prompts, temperature=0)]
-    os.environ.pop("CODE_EDIT_MERGE_LORA")
-    remove(model)
+    try:
+        for merge in ("1", "0"):
+            os.environ["CODE_EDIT_MERGE_LORA"] = merge
+            outs[merge] = [c.tokens for c in run(model, prompts, temperature=0)]
+    finally:
+        os.environ.pop("CODE_EDIT_MERGE_LORA", None)
+        remove(model)
     restored = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     good = outs["1"] == outs["0"] and restored
     print(f"merged-LoRA greedy identical to unmerged={outs['1'] == outs['0']}, base restored={restored}")
@@ -94,7 +106,7 @@ def check_merged_lora(model, prompts) -> bool:
 
 
 def check_sft_graph(mcfg) -> bool:
-    """SFT steps replayed from one CUDA graph against the same fixed-shape steps launched one by one
+    """SFT steps replayed from CUDA graphs against the same fixed-shape steps launched one by one
     (compiled blocks in both, fp32, adapter dropout 0 so both draw nothing random), over several length
     buckets (one graph each): same losses, adapter."""
     from model.decoder import Transformer
@@ -102,7 +114,7 @@ def check_sft_graph(mcfg) -> bool:
     import train.sft as S
     from train.sft import SFTConfig, sft
     os.environ["CODE_EDIT_COMPILE"], os.environ["CODE_EDIT_CUDA_GRAPHS"] = "1", "1"
-    S.LENGTH_STEP = 16  # several length buckets: one graph each, replayed in mixed order
+    step, S.LENGTH_STEP = S.LENGTH_STEP, 16  # several length buckets: one graph each, replayed in mixed order
     g = torch.Generator().manual_seed(1)
     ex = [(torch.randint(10, 4000, (int(n),), generator=g).tolist(), torch.randint(10, 4000, (int(m),), generator=g).tolist())
           for n, m in zip(torch.randint(20, 90, (10,), generator=g), torch.randint(5, 40, (10,), generator=g))]
@@ -114,12 +126,13 @@ def check_sft_graph(mcfg) -> bool:
         out = sft(model, ex, lora_parameters(model), SFTConfig(lr=1e-3, epochs=4, batch_size=4, stop_loss=None,
                                                                cuda_graphs=graphs), fixed_shapes=True)
         outs.append((out, [p.detach().clone() for p in lora_parameters(model)]))
+    S.LENGTH_STEP = step
     (a, pa), (b, pb) = outs
     dl = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a["losses"], b["losses"]))
     dp = max(float((x - y).abs().max()) for x, y in zip(pa, pb))
     good = (b["cuda_graph"] and not a["cuda_graph"] and dl < 1e-4 and dp < 1e-4 and a["losses"][-1] < a["losses"][0]
-            and b["shapes"] > 1)
-    print(f"sft: graph replay used={b['cuda_graph']} over {b['shapes']} shapes (padding {b['padding']:.0%}); "
+            and b["graphs"] > 1)
+    print(f"sft: graph replay used={b['cuda_graph']} over {b['graphs']} graphs (padding {b['padding']:.0%}); "
           f"max rel|dloss|={dl:.2e} over {len(a['losses'])} steps, "
           f"max|dparam|={dp:.2e}, loss {a['losses'][0]:.3f} -> {a['losses'][-1]:.3f}: {'ok' if good else 'FAILED'}")
     # Dropout inside a compiled function inside a graph must draw new masks at every replay, not replay one.

@@ -3,7 +3,8 @@ kernels by kind (GEMMs, fused Triton, attention, top-k, noise, indexing), for on
 Random-init Qwen2.5-7B, no stop token. Run with TORCH_LOGS=recompiles to see recompiles: the script
 prints a marker before the timed calls, so any recompile line after it is one a real run would pay.
 
-Usage: python bench/profile_decode.py --prompts 4 --samples 64 --prompt-len 512 --new 512 [--lora] [--layers N]
+Usage: python bench/profile_decode.py --prompts 4 --samples 64 --prompt-len 512 [--new 128] [--lora] [--layers N]
+The attention is batched matmuls (counted under "gemm") and fused Triton parts (under "triton").
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Random-init Qwen2.5-7B in bf16, sampling to the length limit (no EOS), the method's shapes: (a) 1 x 256
 new tokens, (b) 4 prompts x 9 samples x 180 (one distillation step; also with the student's LoRA on,
-merged for sampling as generate does on CUDA, and unmerged), (c) 4 prompts x 64 x 512 (candidates),
+unmerged as generate samples it by default, and merged, CODE_EDIT_MERGE_LORA=1), (c) 4 prompts x 64 x 512 (candidates),
 (d) 1 prompt of 640 tokens x 1,200 samples x 896 (one edit's stage-1 candidates; ours only: transformers
 would need a 1,200-row cache of the whole sequence).
 Usage: python bench/rollout.py [--out rollout.json] [--skip-hf] [--layers N] [--cases abcd]
@@ -53,6 +53,22 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(100, vocab - 100, (length,), generator=g).tolist() for _ in range(n)]
 
 
+def time_ours(model, name: str, prompts: list[list[int]], n_s: int, new: int, floor: float) -> dict:
+    """Our generate on `prompts`: a first call (compilation, graph capture), then the timed identical call."""
+    run = lambda: generate(model, prompts, max_new_tokens=new, temperature=1.0, top_p=0.9,  # noqa: E731
+                           num_samples=n_s, stop_ids=[], seed=0)
+    t0 = time.perf_counter()
+    run()
+    warm = time.perf_counter() - t0
+    out, sec, peak = timed(run)
+    ntok = sum(len(c.tokens) for c in out)
+    row = {"case": name, "tokens": ntok, "ours_s": sec, "ours_tok_s": ntok / sec, "ours_peak_gib": peak / 2**30,
+           "first_call_s": warm, "floor_s": floor, "pct_of_floor": 100 * floor / sec}
+    print(f"{name}: ours {ntok / sec:,.0f} tok/s ({sec:.2f} s, first call {warm:.1f} s), "
+          f"{row['pct_of_floor']:.0f}% of floor, peak {peak / 2**30:.1f} GiB", flush=True)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -71,19 +87,8 @@ def main():
         if key[0] not in args.cases:
             continue
         prompts = prompts_for(n_p, plen, model.config.vocab_size, seed=1)
-        run = lambda: generate(model, prompts, max_new_tokens=new, temperature=1.0, top_p=0.9,  # noqa: E731
-                               num_samples=n_s, stop_ids=[], seed=0)
-        t0 = time.perf_counter()
-        run()  # first call: compilation and graph capture
-        warm = time.perf_counter() - t0
-        out, sec, peak = timed(run)
-        ntok = sum(len(c.tokens) for c in out)
-        assert ntok == n_p * n_s * new, ntok
-        floor = floor_seconds(model, n_p, n_s, plen, new, bw, flops)
-        row = {"case": key, "tokens": ntok, "ours_s": sec, "ours_tok_s": ntok / sec, "ours_peak_gib": peak / 2**30,
-               "first_call_s": warm, "floor_s": floor, "pct_of_floor": 100 * floor / sec}
-        print(f"{key}: ours {ntok / sec:,.0f} tok/s ({sec:.2f} s, first call {warm:.1f} s), "
-              f"{row['pct_of_floor']:.0f}% of floor, peak {peak / 2**30:.1f} GiB", flush=True)
+        row = time_ours(model, key, prompts, n_s, new, floor_seconds(model, n_p, n_s, plen, new, bw, flops))
+        assert row["tokens"] == n_p * n_s * new, row["tokens"]
         if hf is not None and key[0] not in NO_HF:
             ids = torch.tensor(prompts, device="cuda").repeat_interleave(n_s, 0)
             hf_run = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,  # noqa: E731
@@ -93,9 +98,10 @@ def main():
                 hf_run()
                 o, hsec, hpeak = timed(hf_run)
             assert o.shape[1] - plen == new
-            row.update(hf_s=hsec, hf_tok_s=ntok / hsec, hf_peak_gib=hpeak / 2**30, speedup=hsec / sec)
-            print(f"{key}: transformers {ntok / hsec:,.0f} tok/s ({hsec:.2f} s), peak {hpeak / 2**30:.1f} GiB; "
-                  f"ours is {hsec / sec:.1f}x", flush=True)
+            sec = row["ours_s"]
+            row.update(hf_s=hsec, hf_tok_s=row["tokens"] / hsec, hf_peak_gib=hpeak / 2**30, speedup=hsec / sec)
+            print(f"{key}: transformers {row['tokens'] / hsec:,.0f} tok/s ({hsec:.2f} s), peak {hpeak / 2**30:.1f} "
+                  f"GiB; ours is {hsec / sec:.1f}x", flush=True)
         rows.append(row)
     if "b" in args.cases:  # the distillation step as the method runs it: the student's LoRA on
         from model.lora import LoraConfig, add_lora
@@ -103,23 +109,13 @@ def main():
         add_lora(model, LoraConfig(rank=12, alpha=24, dropout=0.0))
         n_p, n_s, plen, new = CASES["b: 4 prompts x 9 x 180"]
         prompts = prompts_for(n_p, plen, model.config.vocab_size, seed=1)
-        for merge in ("1", "0"):
-            os.environ["CODE_EDIT_MERGE_LORA"] = merge
-            run = lambda: generate(model, prompts, max_new_tokens=new, temperature=1.0, top_p=0.9,  # noqa: E731
-                                   num_samples=n_s, stop_ids=[], seed=0)
-            t0 = time.perf_counter()
-            run()
-            warm = time.perf_counter() - t0
-            out, sec, peak = timed(run)
-            ntok = sum(len(c.tokens) for c in out)
-            floor = floor_seconds(model, n_p, n_s, plen, new, bw, flops)
-            name = f"b + LoRA r12 (student rollouts), {'merged' if merge == '1' else 'unmerged'}"
-            rows.append({"case": name, "tokens": ntok, "ours_s": sec, "ours_tok_s": ntok / sec,
-                         "ours_peak_gib": peak / 2**30, "first_call_s": warm, "floor_s": floor,
-                         "pct_of_floor": 100 * floor / sec})
-            print(f"{name}: ours {ntok / sec:,.0f} tok/s ({sec:.2f} s, first call {warm:.1f} s), "
-                  f"{rows[-1]['pct_of_floor']:.0f}% of floor", flush=True)
-        os.environ.pop("CODE_EDIT_MERGE_LORA")
+        floor = floor_seconds(model, n_p, n_s, plen, new, bw, flops)
+        try:
+            for merge, name in (("0", "unmerged (the default)"), ("1", "merged (CODE_EDIT_MERGE_LORA=1)")):
+                os.environ["CODE_EDIT_MERGE_LORA"] = merge
+                rows.append(time_ours(model, f"b + LoRA r12 (student rollouts), {name}", prompts, n_s, new, floor))
+        finally:
+            os.environ.pop("CODE_EDIT_MERGE_LORA", None)
     print("\n| case | ours tok/s | % of floor | transformers tok/s | ratio | ours peak GiB | first call s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

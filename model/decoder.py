@@ -160,7 +160,7 @@ def _attend_decode(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: tuple
     o_pre, m_pre, d_pre = _partial_softmax_values(
         sp, lambda e: torch.bmm(e.view(kv, B * g, L), pv).view(kv, B, g, D), v.dtype)
     o_pre, m_pre, d_pre = o_pre.transpose(0, 1), m_pre.transpose(0, 1), d_pre.transpose(0, 1)  # small: [B, kv, g, .]
-    m = torch.maximum(m_own, m_pre)  # finite: every row sees its own prompt
+    m = torch.maximum(m_own, m_pre)  # finite: a row sees its prompt and its newest token
     w_own, w_pre = (m_own - m).exp(), (m_pre - m).exp()  # exp(-inf) = 0 for a part with no visible slot
     out = o_own.float() * w_own + o_pre.float() * w_pre
     return (out / (d_own * w_own + d_pre * w_pre)).to(v.dtype)

@@ -184,15 +184,28 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def merge(model: nn.Module) -> None:
     """W <- W + scale*B@A (computed in fp32, rounded once), keeping the original W as `base_weight`
-    so unmerge()/remove() restore it bit for bit. Costs one extra copy of the targeted weights."""
+    so unmerge()/remove() restore it bit for bit. Costs one extra copy of the targeted weights. All or
+    nothing: a failure halfway puts the merged modules back."""
     for name, m in _require(model):
         if m.merged:
             raise ValueError(f"{name}: LoRA is already merged")
-    for _, m in lora_modules(model):
-        m.register_buffer("base_weight", m.weight.detach().clone(), persistent=False)
-        delta = (m.lora_B.float() @ m.lora_A.float()) * m.scale
-        m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
-        m.merged = True
+    done = []
+    try:
+        for _, m in lora_modules(model):
+            m.register_buffer("base_weight", m.weight.detach().clone(), persistent=False)
+            delta = (m.lora_B.float() @ m.lora_A.float()) * m.scale
+            m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+            m.merged = True
+            done.append(m)
+    except BaseException:  # out of memory halfway, say: no module stays merged
+        for m in done:
+            m.weight.copy_(m.base_weight)
+            del m.base_weight
+            m.merged = False
+        for _, m in lora_modules(model):
+            if not m.merged and "base_weight" in m._buffers:
+                del m.base_weight
+        raise
 
 
 @contextlib.contextmanager

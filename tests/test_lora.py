@@ -214,6 +214,23 @@ def test_merge_unmerge(ckpt):
         assert torch.equal(ours(x), unmerged)
 
 
+def test_merge_failing_halfway_leaves_no_module_merged(ckpt):
+    """merge() is all or nothing: a module that cannot be merged (here an adapter of the wrong shape, in
+    the middle of the model) puts back the ones merged before it, bit for bit."""
+    ours = load_model(ckpt, device="cpu")
+    L.add_lora(ours)
+    randomize(ours)
+    before = clone_state(ours)
+    mods = L.lora_modules(ours)
+    name, bad = mods[len(mods) // 2]
+    bad.lora_A = nn.Parameter(torch.zeros(3, 5))
+    with pytest.raises(RuntimeError):
+        L.merge(ours)
+    assert not any(m.merged or "base_weight" in m._buffers for _, m in mods)
+    after = ours.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith(name + ".lora_A"))
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_remove_restores_pristine_base_after_training(ckpt, merged):
     ours, x = load_model(ckpt, device="cpu"), tokens()

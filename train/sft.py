@@ -167,7 +167,8 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
         cfg: SFTConfig, *, log: Callable[[dict], None] | None = None, fixed_shapes: bool | None = None) -> dict:
     """Train `params` on (prompt_ids, completion_ids) pairs; the completion carries its own end-of-turn
     token. Returns {"steps", "final_loss", "stopped_early", "losses", "total_steps", "truncated", "seconds",
-    "cuda_graph"}.
+    "cuda_graph" (whether any step was replayed from a graph), "graphs" (captured, one per shape; 0 after
+    a capture failure), "graphed_steps", "shapes" (distinct batch shapes run), "padding"}.
 
     Precision: the model runs in its own dtype, without autocast. On a bf16 base every matmul is bf16
     already, LoRA casts its fp32 master weights to the activation dtype itself (the rounding autocast
@@ -222,12 +223,12 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
             model.eval()
             for p in params:  # frees a graph's gradient buffers with the graph
                 p.grad = None
-            run_graphed = isinstance(run, _GraphPerShape) and run.graphed
+            graphs_used = (len(run.graphs), run.replays) if isinstance(run, _GraphPerShape) else (0, 0)
             del run
     return {"steps": len(record.losses), "final_loss": record.losses[-1], "stopped_early": stopped,
             "losses": record.losses, "total_steps": total, "truncated": truncated,
-            "seconds": time.perf_counter() - t0, "cuda_graph": run_graphed,
-            "shapes": len(set(shapes)) if shapes else None, "padding": round(record.padding(), 4)}
+            "seconds": time.perf_counter() - t0, "cuda_graph": graphs_used[1] > 0, "graphs": graphs_used[0],
+            "graphed_steps": graphs_used[1], "shapes": len(record.shapes), "padding": round(record.padding(), 4)}
 
 
 def _batch_plan(rows: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> list[tuple[int, list]]:
@@ -256,12 +257,14 @@ def _step_shapes(plan: list) -> list[tuple[int, int, int]]:
 
 class _GraphPerShape:
     """The step replayed from one CUDA graph per input shape, captured on first use into one memory pool
-    (steps run one after another, so the graphs' scratch memory can be shared). Each graph's backward
+    (steps run one after another on one stream, and each graph's outputs stay referenced, so a replay
+    only reuses another graph's scratch memory, in any order). Each graph's backward
     writes its own gradient buffers: before a replay the parameters' .grad are pointed at that graph's,
     for the optimizer to read. If a kernel cannot be captured, every step runs uncaptured."""
 
     def __init__(self, step_fn: Callable, params: list[nn.Parameter]):
         self.step_fn, self.params, self.graphs, self.pool, self.graphed = step_fn, params, {}, None, True
+        self.replays = 0
 
     def __call__(self, *inputs: torch.Tensor):
         if not self.graphed:
@@ -269,6 +272,8 @@ class _GraphPerShape:
         key = tuple(t.shape for t in inputs)
         g = self.graphs.get(key)
         if g is None:
+            for p in self.params:  # the warm-up must not accumulate into another graph's buffers
+                p.grad = None
             try:
                 self.pool = self.pool or torch.cuda.graph_pool_handle()
                 g = GraphedStep(self.step_fn, inputs, params=self.params, pool=self.pool)
@@ -283,6 +288,7 @@ class _GraphPerShape:
         graph, grads = g
         for p, gr in zip(self.params, grads):
             p.grad = gr
+        self.replays += 1
         return graph(*inputs)
 
 
@@ -291,12 +297,13 @@ class _Recorder:
 
     def __init__(self, cfg: SFTConfig, log: Callable[[dict], None] | None):
         self.cfg, self.log, self.losses, self.below = cfg, log, [], 0
-        self.run_positions, self.real_positions = 0, 0
+        self.run_positions, self.real_positions, self.shapes = 0, 0, set()
 
     def positions(self, b: Batch) -> None:
-        """Count a batch's positions: run (its padded shape) and real (its rows' tokens)."""
+        """Count a batch's positions, run (its padded shape) and real (its rows' tokens), and its shape."""
         self.run_positions += b.ids.numel()
         self.real_positions += b.real
+        self.shapes.add((*b.ids.shape, b.rows.numel()))
 
     def padding(self) -> float:
         return 1.0 - self.real_positions / self.run_positions if self.run_positions else 0.0
