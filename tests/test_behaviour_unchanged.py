@@ -1,8 +1,8 @@
 """The refactor guard of issue S1: a tiny-preset CausalEdit run and a LoRA run on the hand-built cases give
 exactly the metrics.json (timings aside) that the code gave before the restructuring
 (tests/data/behaviour_tiny.json, written by this file's `capture` on 2026-12-03, one CPU thread; rewritten
-the same day when SFT's result gained "graphs", "graphed_steps", "shapes" and "padding", with every other
-value checked unchanged against the first record)."""
+the same day when SFT's result gained "graphs", "graphed_steps", "shapes", "positions" and "padding", with
+every other value checked unchanged against the first record)."""
 import json
 import sys
 from pathlib import Path

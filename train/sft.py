@@ -168,7 +168,8 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     """Train `params` on (prompt_ids, completion_ids) pairs; the completion carries its own end-of-turn
     token. Returns {"steps", "final_loss", "stopped_early", "losses", "total_steps", "truncated", "seconds",
     "cuda_graph" (whether any step was replayed from a graph), "graphs" (captured, one per shape; 0 after
-    a capture failure), "graphed_steps", "shapes" (distinct batch shapes run), "padding"}.
+    a capture failure), "graphed_steps", "shapes" (distinct batch shapes run), "positions" (token positions
+    run, padding included), "padding" (the fraction of them that was padding)}.
 
     Precision: the model runs in its own dtype, without autocast. On a bf16 base every matmul is bf16
     already, LoRA casts its fp32 master weights to the activation dtype itself (the rounding autocast
@@ -228,7 +229,8 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     return {"steps": len(record.losses), "final_loss": record.losses[-1], "stopped_early": stopped,
             "losses": record.losses, "total_steps": total, "truncated": truncated,
             "seconds": time.perf_counter() - t0, "cuda_graph": graphs_used[1] > 0, "graphs": graphs_used[0],
-            "graphed_steps": graphs_used[1], "shapes": len(record.shapes), "padding": round(record.padding(), 4)}
+            "graphed_steps": graphs_used[1], "shapes": len(record.shapes), "positions": record.run_positions,
+            "padding": round(record.padding(), 4)}
 
 
 def _batch_plan(rows: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> list[tuple[int, list]]:
