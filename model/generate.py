@@ -335,7 +335,9 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         model.train(was_training)
 
 
-def _run_rows(model, prompts, num_samples, max_new_tokens, params, stops, gen, max_batch) -> list[Completion]:
+def _run_rows(model: Transformer, prompts: list[list[int]], num_samples: int, max_new_tokens: int,
+              params: SamplingParams, stops: list[int], gen: torch.Generator,
+              max_batch: int | None) -> list[Completion]:
     """Every (prompt, sample) row, in batches that fit the GPU, longest prompts first (batches of similar
     length waste less padding)."""
     shared = num_samples >= 2 and len(prompts) <= SHARED_PREFIX_MAX_PROMPTS

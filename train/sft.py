@@ -259,10 +259,10 @@ def _step_shapes(plan: list) -> list[tuple[int, int, int]]:
 
 class _GraphPerShape:
     """The step replayed from one CUDA graph per input shape, captured on first use into one memory pool
-    (steps run one after another on one stream, and each graph's outputs stay referenced, so a replay
-    only reuses another graph's scratch memory, in any order). Each graph's backward
-    writes its own gradient buffers: before a replay the parameters' .grad are pointed at that graph's,
-    for the optimizer to read. If a kernel cannot be captured, every step runs uncaptured."""
+    (steps run one after another on one stream, and each graph's outputs stay referenced, so a replay only
+    reuses another graph's scratch memory, in any order). Each graph's backward writes its own gradient
+    buffers: before a replay the parameters' .grad are pointed at that graph's, for the optimizer to read.
+    If a kernel cannot be captured, every later step runs uncaptured."""
 
     def __init__(self, step_fn: Callable, params: list[nn.Parameter]):
         self.step_fn, self.params, self.graphs, self.pool, self.graphed = step_fn, params, {}, None, True
