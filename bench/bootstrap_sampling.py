@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from common import QWEN25_7B, device_line, measure_bandwidth, measure_matmul_flops, random_model, timed, write_json
+from common import (QWEN25_7B, device_line, matmul_params, measure_bandwidth, measure_matmul_flops, random_model, timed,
+                    write_json)
 from code_edit.tokens import chat_ids
 from code_edit.config import load_hparams
 from code_edit.data import edit_requests, load_dataset
@@ -36,7 +37,7 @@ MODES = {"per-row, 1024 rows": (0, 1024), "per-row": (0, G.MAX_ROWS), "shared": 
 def floor_seconds(model, P: int, lengths: list[int], shared: bool, bw: float, flops: float) -> float:
     cfg = model.config
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    nparams = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size
+    nparams = matmul_params(model)
     kv_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.lm_head.weight.element_size()
     total = 0.0
     for t in range(max(lengths)):

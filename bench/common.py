@@ -55,6 +55,14 @@ def hf_twin(model: Transformer, hf_cfg: dict = QWEN25_7B):
     return hf.eval()
 
 
+def matmul_params(model: Transformer) -> int:
+    """Parameters that cost 2 flops per token: all but the input embedding (a gather), whose tensor still
+    counts when it is tied to the lm_head."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    return total if cfg.tie_word_embeddings else total - cfg.vocab_size * cfg.hidden_size
+
+
 def measure_bandwidth(gib: float = 4.0) -> float:
     """Device-to-device copy, bytes read + written per second (the HBM ceiling we compare against)."""
     n = int(gib * 2**30) // 4

@@ -1,5 +1,5 @@
 """Where a generate call's time goes (GPU): the decode graph against everything outside it, and the
-kernels by kind (GEMMs, fused Triton, attention, top-k, noise, indexing), for one shape of the method.
+kernels by kind (GEMMs, fused Triton, top-k, noise, indexing), for one shape of the method.
 Random-init Qwen2.5-7B, no stop token. Run with TORCH_LOGS=recompiles to see recompiles: the script
 prints a marker before the timed calls, so any recompile line after it is one a real run would pay.
 
@@ -26,7 +26,6 @@ KINDS = [  # first match wins
     ("top-k", r"topk|radix|sort|bitonic|gatherTopK"),
     ("noise", r"exponential|philox|distribution|uniform"),
     ("triton (fused)", r"triton"),
-    ("attention", r"flash|fmha|attention|sdpa"),
     ("copy / index", r"copy|index|gather|scatter|elementwise|cat|fill"),
 ]
 

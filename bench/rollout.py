@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from common import QWEN25_7B, device_line, hf_twin, measure_bandwidth, measure_matmul_flops, random_model, timed, \
-    write_json
+from common import QWEN25_7B, device_line, hf_twin, matmul_params, measure_bandwidth, measure_matmul_flops, \
+    random_model, timed, write_json
 from model import generate
 
 generate_mod = importlib.import_module("model.generate")
@@ -37,7 +37,7 @@ def floor_seconds(model, n_prompts: int, n_samples: int, prompt_len: int, new: i
     row), 2 flops per parameter per token."""
     cfg = model.config
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    nparams = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # embedding is a gather
+    nparams = matmul_params(model)
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     n_seq = n_prompts * n_samples
     shared = n_samples >= 2 and n_prompts <= generate_mod.SHARED_PREFIX_MAX_PROMPTS

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import write_json
+from common import matmul_params, write_json
 from code_edit.config import load_hparams
 from code_edit.data import edit_requests, load_dataset
 from code_edit.editor import Editor
@@ -60,7 +60,7 @@ def main():
         from common import device_line, measure_matmul_flops
         flops = measure_matmul_flops()
         print(f"device: {device_line()}; bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
-    n_params = sum(p.numel() for p in model.parameters()) - model.config.vocab_size * model.config.hidden_size
+    n_params = matmul_params(model)
     with tempfile.TemporaryDirectory() as tmp:
         editor = Editor(model, tok, cfg, "CausalEdit", model_id=str(cfg.model.source))
         records = {}

@@ -168,8 +168,8 @@ def _attend_decode(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: tuple
 
 def _partial_softmax_values(s: Tensor, values, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """exp(s - max) (cast to the values' dtype) times the values, the max and the sum of the exponentials
-    (both [..., 1]), for scores s [..., N] (fp32, -inf where masked). A part with no visible slot gives max -inf: its exponentials are
-    computed against 0 instead, so they are 0, not NaN."""
+    (both [..., 1]), for scores s [..., N] (fp32, -inf where masked). A part with no visible slot gives
+    max -inf: its exponentials are computed against 0 instead, so they are 0, not NaN."""
     m = s.amax(-1, keepdim=True)
     e = (s - torch.where(m.isfinite(), m, 0.0)).exp()
     return values(e.to(dtype)), m, e.sum(-1, keepdim=True)

@@ -77,17 +77,21 @@ def nucleus_keep(probs: Tensor, cand: Tensor, top_p: float) -> Tensor:
     tokens more likely than it is below top_p. Computed without sorting the vocabulary."""
     pc = probs.gather(1, cand)
     if probs.is_cuda:
-        if triton is not None and cand.shape[1] == RACE_CANDIDATES:
+        if triton is not None and cand.shape[1] == RACE_CANDIDATES:  # 16: tl.arange needs a power of two
             return _mass_above_triton(probs, pc) < top_p
-        # M masked sums (scatter_add's atomics crawl here); compiled, each still reads the row once
-        above = torch.where(probs[:, None, :] > pc[:, :, None], probs[:, None, :], 0.0).sum(-1)
-        return above < top_p
+        return mass_above(probs, pc) < top_p
     thr, order = pc.sort(dim=1)  # CPU: bucket every token between the sorted candidate probabilities
     count = torch.searchsorted(thr, probs)
     hist = torch.zeros(probs.shape[0], cand.shape[1] + 1, device=probs.device, dtype=probs.dtype)
     hist.scatter_add_(1, count, probs)
     above = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # above[m] = mass of tokens above the m-th threshold
     return torch.empty_like(above, dtype=torch.bool).scatter_(1, order, above < top_p)
+
+
+def mass_above(probs: Tensor, pc: Tensor) -> Tensor:
+    """[B, M]: the mass of the tokens more likely than each candidate, as M masked sums (scatter_add's
+    atomics crawl on CUDA); compiled, each sum still reads the row once."""
+    return torch.where(probs[:, None, :] > pc[:, :, None], probs[:, None, :], 0.0).sum(-1)
 
 
 if triton is not None:

@@ -189,23 +189,24 @@ def merge(model: nn.Module) -> None:
     for name, m in _require(model):
         if m.merged:
             raise ValueError(f"{name}: LoRA is already merged")
-    done = []
     try:
         for _, m in lora_modules(model):
             m.register_buffer("base_weight", m.weight.detach().clone(), persistent=False)
             delta = (m.lora_B.float() @ m.lora_A.float()) * m.scale
             m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
             m.merged = True
-            done.append(m)
     except BaseException:  # out of memory halfway, say: no module stays merged
-        for m in done:
-            m.weight.copy_(m.base_weight)
-            del m.base_weight
-            m.merged = False
         for _, m in lora_modules(model):
-            if not m.merged and "base_weight" in m._buffers:
-                del m.base_weight
+            if "base_weight" in m._buffers:
+                _put_back(m)
         raise
+
+
+def _put_back(m: LoraLinear) -> None:
+    """The saved base weight back into `weight` (exact, not W - scale*B@A)."""
+    m.weight.copy_(m.base_weight)
+    del m.base_weight
+    m.merged = False
 
 
 @contextlib.contextmanager
@@ -230,9 +231,7 @@ def unmerge(model: nn.Module) -> None:
         if not m.merged:
             raise ValueError(f"{name}: LoRA is not merged")
     for _, m in lora_modules(model):
-        m.weight.copy_(m.base_weight)
-        del m.base_weight
-        m.merged = False
+        _put_back(m)
 
 
 def remove(model: nn.Module) -> None:

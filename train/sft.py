@@ -178,8 +178,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
 
     With CUDA graphs (use_cuda_graphs) each batch is padded to its bucket's shape (`_step_shapes`), one
     graph per bucket; padding adds nothing to the loss. `fixed_shapes` (default: exactly when graphs are
-    used) runs that padding without a graph, to check it. "padding" in the result is the fraction of the
-    positions run that were padding.
+    used) runs that padding without a graph, to check it.
     """
     # 1) the data, the schedule and the batch plan
     device = model.lm_head.weight.device
@@ -285,8 +284,7 @@ class _GraphPerShape:
                 for p in self.params:
                     p.grad = None
                 return self.step_fn(*inputs)
-            self.graphs[key] = (g, [p.grad for p in self.params])
-            g = self.graphs[key]
+            g = self.graphs[key] = (g, [p.grad for p in self.params])
         graph, grads = g
         for p, gr in zip(self.params, grads):
             p.grad = gr
