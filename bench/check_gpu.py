@@ -52,9 +52,45 @@ def main():
     same = x[0, len(prompts[1]):].tolist() == base_g[1].tokens
     print(f"cached vs full recompute: identical={same}")
     ok &= same
-    ok &= check_nucleus_kernel() & check_merged_lora(model, prompts)
+    ok &= check_decode_attention() & check_nucleus_kernel() & check_merged_lora(model, prompts)
     ok &= check_sft_graph(model.config)
     sys.exit(0 if ok else 1)
+
+
+def attention_case(B: int, kv: int, g: int, D: int, L: int, S: int, dtype, prompts: int = 4, ragged: bool = True):
+    """Random decode-attention inputs at a real shape: queries [B, kv, g, D], own cache views [B, kv, S, D]
+    of larger buffers, a shared prefix [kv, L, D], and a mask where row b sees prompt b % prompts (of the
+    prompts side by side in the prefix, each left-padded by 7 slots) and its own first slots (a ragged number of them, or all S)."""
+    g_ = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g_).to(dtype)  # noqa: E731
+    q, k, v = rnd(B, kv, g, D), rnd(B, kv, S + 64, D)[:, :, :S], rnd(B, kv, S + 64, D)[:, :, :S]
+    pk, pv = rnd(1, kv, L + 256, D)[0, :, :L], rnd(1, kv, L + 256, D)[0, :, :L]
+    valid = torch.zeros(B, L + S + 64, dtype=torch.bool, device="cuda")
+    P = L // prompts
+    for b in range(B):
+        j = b % prompts
+        valid[b, j * P + 7:(j + 1) * P] = True
+        valid[b, L:L + (1 + (b * 37) % S if ragged else S)] = True
+    return q, k, v, valid[:, None, None, :L + S], (pk, pv)
+
+
+def check_decode_attention() -> bool:
+    """The Triton decode-attention kernel against float64 attention, beside the torch form's own error,
+    at the 7B candidate shape (bf16) and a SmolLM2-like one (fp32)."""
+    from model.decode_attention import decode_attention
+    from model.decoder import _attend_decode
+    good = True
+    for name, shape, dtype in (("7B candidates, bf16", (256, 4, 7, 128, 2048, 512), torch.bfloat16),
+                               ("SmolLM2 heads, fp32", (96, 3, 3, 64, 300, 200), torch.float32)):
+        q, k, v, mask, pre = attention_case(*shape, dtype)
+        ref = _attend_decode(q.double(), k.double(), v.double(), mask, (pre[0].double(), pre[1].double()))
+        e_kernel = float((decode_attention(q, k, v, mask, pre).double() - ref).abs().max())
+        e_torch = float((_attend_decode(q, k, v, mask, pre).double() - ref).abs().max())
+        ok = e_kernel <= 2 * e_torch + (1e-6 if dtype == torch.float32 else 1e-3)
+        print(f"decode attention kernel, {name}: max|d| vs float64 {e_kernel:.1e} (torch form {e_torch:.1e}): "
+              f"{'ok' if ok else 'FAILED'}")
+        good &= ok
+    return good
 
 
 def check_nucleus_kernel() -> bool:

@@ -22,6 +22,8 @@ from model import generate
 G = importlib.import_module("model.generate")
 
 KINDS = [  # first match wins
+    ("decode attention", r"_decode_kernel"),
+    ("nucleus check", r"_mass_above"),
     ("gemm", r"gemm|cutlass|sm90|nvjet|cublas|splitK"),
     ("top-k", r"topk|radix|sort|bitonic|gatherTopK"),
     ("noise", r"exponential|philox|distribution|uniform"),

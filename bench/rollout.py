@@ -48,6 +48,49 @@ def floor_seconds(model, n_prompts: int, n_samples: int, prompt_len: int, new: i
     return total
 
 
+def _us(fn, *args) -> float:
+    """Microseconds per call on the GPU (3 warm-up calls, then 20 timed by CUDA events)."""
+    for _ in range(3):
+        fn(*args)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(20):
+        fn(*args)
+    e.record()
+    torch.cuda.synchronize()
+    return 1e3 * s.elapsed_time(e) / 20
+
+
+def attention_alone(bw: float) -> list[dict]:
+    """One layer's decode attention at the last step of (c) and (d): the Triton kernel against the torch
+    form, and against reading the own keys/values, the prefix once and the mask at copy bandwidth."""
+    from check_gpu import attention_case
+    from model import decode_attention as DA
+    from model.decode_attention import decode_attention
+    from model.decoder import _attend_decode
+    rows = []
+    for name, shape, n_p in (("c: 256 rows, prefix 4 x 512, 512 own", (256, 4, 7, 128, 2048, 512), 4),
+                             ("d: 1,200 rows, prefix 640, 896 own", (1200, 4, 7, 128, 640, 896), 1)):
+        q, k, v, mask, pre = attention_case(*shape, torch.bfloat16, prompts=n_p, ragged=False)
+        B, kv, _, D, L, S = shape
+        nbytes = (2 * B * kv * S * D + 2 * kv * L * D) * 2 + B * (L + S)
+        row = {"case": name, "floor_us": 1e6 * nbytes / bw,
+               "kernel_us": _us(decode_attention, q, k, v, mask, pre), "torch_us": _us(_attend_decode, q, k, v, mask, pre)}
+        default = (DA.BLOCK_SLOTS, DA.PREFIX_LINES)
+        for blocks, lines in ((32, 64), (128, 64), (64, 32), (64, 128)):  # the kernel's two tile sizes
+            DA.BLOCK_SLOTS, DA.PREFIX_LINES = blocks, lines
+            row[f"kernel_us_slots{blocks}_lines{lines}"] = _us(decode_attention, q, k, v, mask, pre)
+        DA.BLOCK_SLOTS, DA.PREFIX_LINES = default
+        print(f"  tiles (slots, lines): {default}: {row['kernel_us']:.0f} us; " + ", ".join(
+            f"{k.split('us_')[1]}: {v:.0f} us" for k, v in row.items() if k.startswith("kernel_us_")), flush=True)
+        print(f"attention alone, {name}: kernel {row['kernel_us']:.0f} us, torch form {row['torch_us']:.0f} us "
+              f"({row['torch_us'] / row['kernel_us']:.1f}x), floor {row['floor_us']:.0f} us "
+              f"({100 * row['floor_us'] / row['kernel_us']:.0f}% of it)", flush=True)
+        rows.append(row)
+    return rows
+
+
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(100, vocab - 100, (length,), generator=g).tolist() for _ in range(n)]
@@ -80,6 +123,7 @@ def main():
     bw, flops = measure_bandwidth(), measure_matmul_flops()
     print(f"device: {device_line()}; copy bandwidth {bw / 1e12:.2f} TB/s; bf16 matmul {flops / 1e12:.0f} TFLOP/s",
           flush=True)
+    attention = attention_alone(bw)
     model = random_model(QWEN25_7B, layers=args.layers)
     hf = None if args.skip_hf else hf_twin(model)
     rows = []
@@ -122,7 +166,8 @@ def main():
         print(f"| {r['case']} | {r['ours_tok_s']:,.0f} | {r['pct_of_floor']:.0f}% | "
               f"{r.get('hf_tok_s', float('nan')):,.0f} | {r.get('speedup', float('nan')):.1f}x | "
               f"{r['ours_peak_gib']:.1f} | {r['first_call_s']:.0f} |")
-    write_json(args.out, {"device": device_line(), "bandwidth": bw, "matmul_flops": flops, "rows": rows})
+    write_json(args.out, {"device": device_line(), "bandwidth": bw, "matmul_flops": flops, "rows": rows,
+                          "attention_alone": attention})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import decode_attention
 from .config import ModelConfig
 
 
@@ -134,7 +135,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     kv = k.shape[1]
     g = H // kv
     if T == 1:
-        return _attend_decode(q.view(B, kv, g, D), k, v, mask, prefix).reshape(B, H, 1, D)
+        qg = q.view(B, kv, g, D)
+        if decode_attention.usable(qg):
+            return decode_attention.decode_attention(qg, k, v, mask, prefix).reshape(B, H, 1, D)
+        return _attend_decode(qg, k, v, mask, prefix).reshape(B, H, 1, D)
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
