@@ -131,7 +131,7 @@ def guided_choice(model: Any, prompt: list[int], choices: list[list[int]], end_i
             idx = torch.arange(fed, S, device=w.device)
             with torch.inference_mode():
                 h = model.run(torch.tensor([seq[fed:]], device=w.device), idx[None], mask, kv.cache, idx)[0, -1]
-                logits = model.lm_head(h).float()
+                logits = model.logits(h[None])[0]
             fed, kv.tokens = S, seq
             tok = allowed[int(logits[allowed].argmax())]
         else:

@@ -17,6 +17,17 @@ from . import decode_attention
 from .config import ModelConfig
 
 
+def mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b (2-D) with an fp32 result: fp32 accumulation, no rounding of logits to bf16 (the sampler's and
+    the trainer's log-probs then agree). CPU builds lack the fp32-output bf16 matmul: they upcast."""
+    a = a.to(b.dtype)
+    if b.dtype == torch.float32:
+        return a @ b
+    if not b.is_cuda:
+        return a.float() @ b.float()
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -335,6 +346,11 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=input_ids.device).expand(input_ids.shape[0], T)
             return self.run(input_ids, pos, None)
         return self.run(input_ids, positions_from_mask(attention_mask), padding_mask(attention_mask))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """fp32 next-token logits [N, V] of final-normed hidden states h [N, H] (the sampler's; the trainer's
+        fused losses compute the same product chunk by chunk)."""
+        return mm_fp32(h, self.lm_head.weight.t())
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.lm_head(self.hidden(input_ids, attention_mask))

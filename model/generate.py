@@ -165,7 +165,7 @@ def _state_key(model: Transformer) -> tuple:
 def _decode_forward(model: Transformer, tok: Tensor, pos: Tensor, mask: Tensor, cache: KVCache,
                     write_idx: Tensor) -> Tensor:
     h = model.run(tok[:, None], pos[:, None], mask, cache, write_idx)
-    return model.lm_head(h[:, -1]).float()
+    return model.logits(h[:, -1])
 
 
 @dataclass
@@ -384,7 +384,7 @@ def _prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, row_p
             am[j, P - len(p):] = 1
         tmp = KVCache.empty(model.config, len(part), P, cache.k[0].dtype, device)
         h = model.run(ids, positions_from_mask(am), padding_mask(am), tmp, torch.arange(P, device=device))
-        last.append(model.lm_head(h[:, -1]).float())
+        last.append(model.logits(h[:, -1]))
         if cache.prefix_k is not None:
             for L in range(len(cache.k)):
                 for dst, src_t in ((cache.prefix_k[L], tmp.k[L]), (cache.prefix_v[L], tmp.v[L])):

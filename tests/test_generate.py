@@ -308,3 +308,15 @@ def test_generate_with_merged_lora_samples_the_adapter_and_restores_the_base(pai
         m.eval()
         remove(m)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_sampler_logits_are_fp32_products_of_bf16_weights():
+    """The sampler's logits are the bf16 hidden states times the bf16 head accumulated and returned in
+    fp32 (as the trainer's fused losses compute them), not a bf16 product cast up afterwards."""
+    from model.load import tiny_random
+    m = tiny_random(dtype=torch.bfloat16)
+    h = torch.randn(5, m.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    want = h.double() @ m.lm_head.weight.double().T
+    got = m.logits(h)
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max() < 1e-4 < (m.lm_head(h).double() - want).abs().max()

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model.decoder import mm_fp32
+
 DIRECTIONS = ("forward", "reverse", "jsd")
 # Rows per chunk are chosen so that one model's fp32 [rows, vocab] logits take about this many bytes;
 # a distillation chunk holds ~6 such buffers at its peak (measured on an H100 at V=152k: 512 MiB ->
@@ -47,23 +49,15 @@ def _matmul_operand(weight: torch.Tensor) -> torch.Tensor:
     return weight.float()
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (fp32 accumulation; no rounding of logits to bf16)."""
-    a = a.to(b.dtype)
-    if b.dtype == torch.float32:
-        return a @ b
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = _mm_fp32(hidden, weight.t())
+    z = mm_fp32(hidden, weight.t())
     return z.div_(temperature) if temperature != 1.0 else z
 
 
 def _hidden_grad(grad_z: torch.Tensor, idx: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
     """d loss / d hidden for one chunk, given d loss / d logits on the full vocab or on columns `idx`."""
     if idx is None:
-        return _mm_fp32(grad_z.to(weight.dtype), weight)
+        return mm_fp32(grad_z.to(weight.dtype), weight)
     # Sparse support: sum_j g[r, j] * W[idx[r, j]] without gathering [rows, |U|, H].
     return F.embedding_bag(idx, weight, per_sample_weights=grad_z.to(weight.dtype), mode="sum")
 
@@ -277,7 +271,7 @@ def weighted_ce_at(
             total -= (logp.gather(-1, y) * w).sum()
             if need_grad:
                 g = logp.exp_().scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=logp.dtype)).mul_(w)
-                grad.index_add_(0, r, _mm_fp32(g.to(W.dtype), W).to(grad.dtype))
+                grad.index_add_(0, r, mm_fp32(g.to(W.dtype), W).to(grad.dtype))
             del logp
     if not need_grad:
         return total
