@@ -32,6 +32,10 @@ def main():
         os.environ["CODE_EDIT_COMPILE"], os.environ["CODE_EDIT_CUDA_GRAPHS"], os.environ["CODE_EDIT_COMPILE_DECODE"] = env
         greedy = run(model, prompts, temperature=0)
         sampled = run(model, prompts, temperature=1.0, top_p=0.9, num_samples=3, seed=3)
+        again = run(model, prompts, temperature=1.0, top_p=0.9, num_samples=3, seed=3)  # graphs replayed now
+        same = [c.tokens for c in again] == [c.tokens for c in sampled]
+        print(f"{mode}: same seed, same samples on the second call (replayed graphs)={same}")
+        ok &= same
         shared = run(model, prompts[:3], temperature=0, num_samples=4)  # 3 prompts x 4 rows: shared prefix
         results[mode] = (greedy, sampled, shared)
     base_g, base_s, _ = results["eager"]

@@ -40,7 +40,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
-@dataclass
+@dataclass(frozen=True)  # part of a captured step's key
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
@@ -143,17 +143,61 @@ def next_token(logits: Tensor, noise: Tensor | None, seen: Tensor | None, p: Sam
     return tok, logits.gather(1, tok[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
-_next_token_compiled = None
+def _int64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """SplitMix64's output function on int64: a bijection whose outputs pass as independent for
+    inputs that differ by multiples of _GOLDEN (multiplies wrap mod 2^64, as on every torch backend)."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def row_keys(seed: int, rows: list[tuple[int, int]], device: torch.device | str) -> Tensor:
+    """Each (prompt index, sample index) row's random stream: a SplitMix64 state from the call's seed."""
+    i, s_ = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).unbind(1)
+    return _mix(_mix(_int64(seed % (1 << 64)) + i * _GOLDEN) + s_ * _GOLDEN).to(device)
+
+
+def race_noise(keys: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """Exp(1) draws [B, vocab] (fp32) for the exponential race, a pure function of each row's key, the
+    step and the token id (counter-based: row b's draw at step t is the (t * vocab + v)-th output of its
+    SplitMix64 stream). So a row's tokens do not depend on which rows share its batch, compaction or
+    batch splits, and no generator state lives outside the captured step."""
+    ctr = keys[:, None] + (step * vocab + torch.arange(vocab, device=keys.device)) * _GOLDEN
+    u = (_shr(_mix(ctr), 40).float() + 0.5) * 2.0**-24  # the top 24 bits, centred: u in (0, 1)
+    return -torch.log(u)
+
+
+def sample_step(logits: Tensor, keys: Tensor, step: Tensor, seen: Tensor | None,
+                p: SamplingParams) -> tuple[Tensor, Tensor]:
+    """`next_token` with each row's counter-based noise for this step (none when greedy)."""
+    noise = race_noise(keys, step, logits.shape[-1]) if p.temperature > 0 else None
+    return next_token(logits, noise, seen, p)
+
+
+_sample_step_compiled = None
 
 
 def _picker(device: torch.device):
-    """`next_token`, compiled on CUDA (a handful of fused kernels instead of dozens of passes)."""
-    global _next_token_compiled
+    """`sample_step`, compiled on CUDA (a handful of fused kernels instead of dozens of passes; the
+    noise is computed inside them, never written out)."""
+    global _sample_step_compiled
     if device.type != "cuda" or not _use_compile():
-        return next_token
-    if _next_token_compiled is None:
-        _next_token_compiled = torch.compile(next_token, dynamic=True)
-    return _next_token_compiled
+        return sample_step
+    if _sample_step_compiled is None:
+        _sample_step_compiled = torch.compile(sample_step, dynamic=True)
+    return _sample_step_compiled
 
 
 def _state_key(model: Transformer) -> tuple:
@@ -224,7 +268,7 @@ def _use_graphs() -> bool:
 
 
 class _Decoder:
-    """Runs one decode step, through a CUDA graph when on CUDA, else eagerly."""
+    """Runs one decode step and its sampling, through a CUDA graph when on CUDA, else eagerly."""
 
     def __init__(self, model: Transformer, cache: KVCache):
         self.model, self.cache = model, cache
@@ -245,21 +289,28 @@ class _Decoder:
         S, c = W - self.L, self.cache
         return KVCache([t[:B, :, :S] for t in c.k], [t[:B, :, :S] for t in c.v], c.prefix_k, c.prefix_v)
 
-    def __call__(self, tok: Tensor, pos: Tensor, mask: Tensor, write_idx: Tensor) -> Tensor:
-        """One step attending over the first mask.shape[-1] slots (see ATTEND_STEP)."""
+    def __call__(self, pick, params: SamplingParams, tok: Tensor, pos: Tensor, mask: Tensor, write_idx: Tensor,
+                 key: Tensor, step: Tensor, seen: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One step attending over the first mask.shape[-1] slots (see ATTEND_STEP), sampler included:
+        the next token and its log-prob per row. The noise is a function of (key, step), so the whole
+        step, sampling too, replays from one CUDA graph."""
         B, S = tok.shape[0], mask.shape[-1]
+        inputs = (tok, pos, mask, write_idx, key, step) + ((seen,) if seen is not None else ())
+
+        def step_fn(cache, t, p, m, w, k, n, *sn):
+            return pick(self.fwd(self.model, t, p, m, cache, w), k, n, sn[0] if sn else None, params)
+
         if not self.cuda:
-            return self.fwd(self.model, tok, pos, mask, self.view(B, S), write_idx)
-        key = (B, S, self.L, self.state)
-        g = self.eng.graphs.get(key)
+            return step_fn(self.view(B, S), *inputs)
+        key_ = (B, S, self.L, self.state, params, seen is None)
+        g = self.eng.graphs.get(key_)
         if g is None:
             if self.eng.pool is None:
                 self.eng.pool = torch.cuda.graph_pool_handle()
             cache = self.view(B, S)
-            g = GraphedStep(lambda t, p, m, w: self.fwd(self.model, t, p, m, cache, w), (tok, pos, mask, write_idx),
-                            pool=self.eng.pool)
-            self.eng.graphs[key] = g
-        return g(tok, pos, mask, write_idx)
+            g = GraphedStep(lambda *a: step_fn(cache, *a), inputs, pool=self.eng.pool)
+            self.eng.graphs[key_] = g
+        return g(*inputs)
 
 
 def _plan_rows(model: Transformer, S: int, n_rows: int, max_batch: int | None, prefix_slots: int = 0) -> int:
@@ -325,8 +376,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
     stops = list(model.config.eos_token_ids if stop_ids is None else stop_ids)
     device = model.lm_head.weight.device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    seed = seed if seed is not None else torch.seed() % 2**63
     if max_new_tokens <= 0:
         return [Completion(i, s, [], [], "length") for i in range(len(prompts)) for s in range(num_samples)]
 
@@ -334,13 +384,13 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     model.eval()
     try:
         with merged_for_inference(model) if _merge_lora(device) else contextlib.nullcontext():
-            return _run_rows(model, prompts, num_samples, max_new_tokens, params, stops, gen, max_batch)
+            return _run_rows(model, prompts, num_samples, max_new_tokens, params, stops, seed, max_batch)
     finally:
         model.train(was_training)
 
 
 def _run_rows(model: Transformer, prompts: list[list[int]], num_samples: int, max_new_tokens: int,
-              params: SamplingParams, stops: list[int], gen: torch.Generator,
+              params: SamplingParams, stops: list[int], seed: int,
               max_batch: int | None) -> list[Completion]:
     """Every (prompt, sample) row, in batches that fit the GPU, longest prompts first (batches of similar
     length waste less padding)."""
@@ -356,7 +406,7 @@ def _run_rows(model: Transformer, prompts: list[list[int]], num_samples: int, ma
         else:
             n = _plan_rows(model, P + max_new_tokens, len(rows) - start, max_batch)
         try:
-            for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, gen, shared):
+            for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, seed, shared):
                 results[(c.prompt_index, c.sample_index)] = c
             start += n
         except torch.OutOfMemoryError:
@@ -443,6 +493,7 @@ class _DecodeState:
     out_lp: Tensor
     n_gen: Tensor
     row_id: Tensor  # output row of each batch slot
+    key: Tensor  # each slot's random stream (see race_noise)
     done: Tensor
     pos: Tensor
     tok: Tensor | None  # the token fed to the next decode step (step 0 reads the prefill's logits)
@@ -450,7 +501,7 @@ class _DecodeState:
 
 
 def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, max_new: int,
-           params: SamplingParams, vocab: int, device: torch.device, shared: bool) -> _DecodeState:
+           params: SamplingParams, vocab: int, device: torch.device, shared: bool, seed: int) -> _DecodeState:
     """The state before the first new token: a row sees its own prompt's real tokens."""
     B0 = len(rows)
     valid = torch.zeros(B0, lay.L + lay.S, dtype=torch.bool, device=device)
@@ -468,7 +519,8 @@ def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, 
     return _DecodeState(valid, seen, torch.zeros(B0 + 1, max_new, dtype=torch.long, device=device),
                         torch.zeros(B0 + 1, max_new, dtype=torch.float32, device=device),
                         torch.zeros(B0 + 1, dtype=torch.long, device=device), torch.arange(B0, device=device),
-                        torch.zeros(B0, dtype=torch.bool, device=device), lay.lens.clone(), None, B0)
+                        row_keys(seed, rows, device), torch.zeros(B0, dtype=torch.bool, device=device),
+                        lay.lens.clone(), None, B0)
 
 
 def _compact(st: _DecodeState, cache: KVCache, S: int, B0: int, n_active: int) -> None:
@@ -483,13 +535,14 @@ def _compact(st: _DecodeState, cache: KVCache, S: int, B0: int, n_active: int) -
         view[:nb] = view.index_select(0, keep)
     filler = torch.arange(nb, device=keep.device) >= n_active
     st.row_id = torch.where(filler, B0, st.row_id[keep])
+    st.key = st.key[keep]
     st.done = filler | st.done[keep]
     st.tok, st.pos, st.valid = st.tok[keep], st.pos[keep], st.valid[keep]
     st.seen = st.seen[keep] if st.seen is not None else None
     st.B = nb
 
 
-def _run_batch(model, prompts, rows, max_new, params, stops, gen, shared=False) -> list[Completion]:
+def _run_batch(model, prompts, rows, max_new, params, stops, seed, shared=False) -> list[Completion]:
     """Sample `rows` ((prompt index, sample index) pairs) to at most `max_new` tokens each."""
     # 1) the cache layout and the prefill
     device = model.lm_head.weight.device
@@ -501,9 +554,10 @@ def _run_batch(model, prompts, rows, max_new, params, stops, gen, shared=False) 
         cache = KVCache(cache.k, cache.v, *_get_prefix(model, L, dtype, device))
     logits = _prefill(model, [prompts[i] for i in lay.uniq], cache, lay.row_prompt, lay.P)
     # 2) decode, with no host sync except every SYNC_EVERY steps (the finished rows are compacted away)
-    st = _start(prompts, rows, lay, max_new, params, model.config.vocab_size, device, shared)
+    st = _start(prompts, rows, lay, max_new, params, model.config.vocab_size, device, shared, seed)
     stop_t = torch.tensor(stops or [-1], device=device)
     write = torch.tensor([first], device=device)
+    step = torch.zeros((), dtype=torch.int64, device=device)
     dec, pick = _Decoder(model, cache), _picker(device)
     for t in range(max_new):
         if t > 0:
@@ -511,11 +565,13 @@ def _run_batch(model, prompts, rows, max_new, params, stops, gen, shared=False) 
             # Attend over the filled slots rounded up to ATTEND_STEP, not all S: each step reads the
             # cache (the decode's main cost at large batch), and early steps need much less of it.
             window = min(S, ATTEND_STEP * math.ceil((first + t) / ATTEND_STEP))
-            logits = dec(st.tok, st.pos, st.valid[:, None, None, :L + window], write)
+            nxt, chosen = dec(pick, params, st.tok, st.pos, st.valid[:, None, None, :L + window], write, st.key,
+                              step, st.seen)
             st.pos += 1
             write += 1
-        noise = torch.empty_like(logits).exponential_(generator=gen) if params.temperature > 0 else None
-        nxt, chosen = pick(logits, noise, st.seen, params)
+        else:  # the prefill's logits
+            nxt, chosen = pick(logits, st.key, step, st.seen, params)
+        step += 1
         active = ~st.done
         st.out_tok[st.row_id, t] = torch.where(active, nxt, 0)
         st.out_lp[st.row_id, t] = torch.where(active, chosen, 0.0)

@@ -2,7 +2,9 @@
 exactly the metrics.json (timings aside) that the code gave before the restructuring
 (tests/data/behaviour_tiny.json, written by this file's `capture` on 2026-12-03, one CPU thread; rewritten
 the same day when SFT's result gained "graphs", "graphed_steps", "shapes", "positions" and "padding", with
-every other value checked unchanged against the first record)."""
+every other value checked unchanged against the first record; rewritten again when the sampler's noise
+became counter-based (model/generate.py race_noise): only sampled values moved, the SFT losses and padding
+and the distillation losses, while every greedy and count value stayed)."""
 import json
 import sys
 from pathlib import Path

@@ -320,3 +320,32 @@ def test_sampler_logits_are_fp32_products_of_bf16_weights():
     got = m.logits(h)
     assert got.dtype == torch.float32
     assert (got.double() - want).abs().max() < 1e-4 < (m.lm_head(h).double() - want).abs().max()
+
+
+def test_race_noise_is_exponential_and_uncorrelated():
+    """The counter-based draws: Exp(1) moments and quantiles (a naive check against the closed form),
+    no correlation between neighbouring tokens, rows or steps, and the same draws for the same key."""
+    keys = G.row_keys(11, [(i, s) for i in range(4) for s in range(8)], "cpu")
+    e0 = G.race_noise(keys, torch.tensor(0), 5000)
+    e1 = G.race_noise(keys, torch.tensor(1), 5000)
+    x = e0.flatten().double()
+    assert abs(x.mean() - 1) < 0.02 and abs(x.var() - 1) < 0.04
+    for q in (0.1, 0.5, 0.9, 0.99):  # P(E <= -log(1 - q)) = q
+        assert abs((x <= -math.log(1 - q)).double().mean() - q) < 0.01
+    corr = lambda a, b: torch.corrcoef(torch.stack([a.flatten(), b.flatten()]).double())[0, 1].abs()  # noqa: E731
+    assert corr(e0[:, 1:], e0[:, :-1]) < 0.02 and corr(e0[1:], e0[:-1]) < 0.02 and corr(e0, e1) < 0.02
+    assert torch.equal(G.race_noise(keys[5:7], torch.tensor(0), 5000), e0[5:7])
+    assert len(set(keys.tolist())) == len(keys)
+
+
+def test_samples_do_not_depend_on_batching(pair):
+    """A row's draws depend on the seed, its prompt index and its sample index only: the same tokens when
+    the rows are split into batches of 2, and when the other prompts of the call change."""
+    _, m = pair
+    prompts = ragged(4, seed=5)
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, num_samples=3, stop_ids=[], seed=8)
+    whole = generate(m, prompts, **kw)
+    split = generate(m, prompts, max_batch=2, **kw)
+    assert [c.tokens for c in whole] == [c.tokens for c in split]
+    other = generate(m, [prompts[0], [41, 42, 43], prompts[2], prompts[3]], **kw)
+    assert [c.tokens for c in other if c.prompt_index != 1] == [c.tokens for c in whole if c.prompt_index != 1]
