@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -163,10 +164,13 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ _shr(x, 31)
 
 
-def row_keys(seed: int, rows: list[tuple[int, int]], device: torch.device | str) -> Tensor:
-    """Each (prompt index, sample index) row's random stream: a SplitMix64 state from the call's seed."""
-    i, s_ = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).unbind(1)
-    return _mix(_mix(_int64(seed % (1 << 64)) + i * _GOLDEN) + s_ * _GOLDEN).to(device)
+def row_keys(streams: list[tuple[int, int]], rows: list[tuple[int, int]], device: torch.device | str) -> Tensor:
+    """Each (prompt index, sample index) row's random stream, a SplitMix64 state: prompt i's stream is
+    (seed, j) = streams[i] (the call's seed and i, or the prompt's own seed and 0), mixed with the sample."""
+    seed = torch.tensor([_int64(streams[i][0] % (1 << 64)) for i, _ in rows], dtype=torch.int64)
+    j = torch.tensor([streams[i][1] for i, _ in rows], dtype=torch.int64)
+    s_ = torch.tensor([s_ for _, s_ in rows], dtype=torch.int64)
+    return _mix(_mix(seed + j * _GOLDEN) + s_ * _GOLDEN).to(device)
 
 
 def race_noise(keys: Tensor, step: Tensor, vocab: int) -> Tensor:
@@ -365,38 +369,51 @@ def _get_prefix(model: Transformer, L: int, dtype, device) -> tuple[list[Tensor]
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, num_samples: int = 1,
-             stop_ids: list[int] | None = None, seed: int | None = None,
-             max_batch: int | None = None) -> list[Completion]:
+             top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+             num_samples: int | Sequence[int] = 1, stop_ids: list[int] | None = None,
+             seed: int | Sequence[int] | None = None, max_batch: int | None = None) -> list[Completion]:
     """Sample `num_samples` completions for each prompt (token-id lists); temperature 0 is greedy.
+    `num_samples` and `seed` may also give one value per prompt: with a seed per prompt, each prompt's
+    samples are exactly those of a call of its own (rows draw independently of each other, see
+    `race_noise`), so several prompts' sampling can share one batch.
 
     Returns completions ordered by (prompt_index, sample_index)."""
+    n = len(prompts)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    counts = [num_samples] * n if isinstance(num_samples, int) else list(num_samples)
+    if len(counts) != n or any(c < 0 for c in counts):
+        raise ValueError(f"generate: num_samples needs one count >= 0 per prompt ({n}), got {num_samples!r}")
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise ValueError(f"generate: seed needs one value per prompt ({n}), got {len(seed)}")
+        streams = [(int(s_), 0) for s_ in seed]  # prompt i drawn as prompt 0 of a call seeded seed[i]
+    else:
+        seed = seed if seed is not None else torch.seed() % 2**63
+        streams = [(seed, i) for i in range(n)]
     params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
     stops = list(model.config.eos_token_ids if stop_ids is None else stop_ids)
     device = model.lm_head.weight.device
-    seed = seed if seed is not None else torch.seed() % 2**63
     if max_new_tokens <= 0:
-        return [Completion(i, s, [], [], "length") for i in range(len(prompts)) for s in range(num_samples)]
+        return [Completion(i, s_, [], [], "length") for i in range(n) for s_ in range(counts[i])]
 
     was_training = model.training
     model.eval()
     try:
         with merged_for_inference(model) if _merge_lora(device) else contextlib.nullcontext():
-            return _run_rows(model, prompts, num_samples, max_new_tokens, params, stops, seed, max_batch)
+            return _run_rows(model, prompts, counts, max_new_tokens, params, stops, streams, max_batch)
     finally:
         model.train(was_training)
 
 
-def _run_rows(model: Transformer, prompts: list[list[int]], num_samples: int, max_new_tokens: int,
-              params: SamplingParams, stops: list[int], seed: int,
+def _run_rows(model: Transformer, prompts: list[list[int]], counts: list[int], max_new_tokens: int,
+              params: SamplingParams, stops: list[int], streams: list[tuple[int, int]],
               max_batch: int | None) -> list[Completion]:
     """Every (prompt, sample) row, in batches that fit the GPU, longest prompts first (batches of similar
     length waste less padding)."""
-    shared = num_samples >= 2 and len(prompts) <= SHARED_PREFIX_MAX_PROMPTS
+    shared = min(counts, default=0) >= 2 and len(prompts) <= SHARED_PREFIX_MAX_PROMPTS
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows = [(i, s) for i in order for s in range(num_samples)]
+    rows = [(i, s) for i in order for s in range(counts[i])]
     results: dict[tuple[int, int], Completion] = {}
     start = 0
     while start < len(rows):
@@ -406,7 +423,8 @@ def _run_rows(model: Transformer, prompts: list[list[int]], num_samples: int, ma
         else:
             n = _plan_rows(model, P + max_new_tokens, len(rows) - start, max_batch)
         try:
-            for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, seed, shared):
+            for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, streams,
+                                shared):
                 results[(c.prompt_index, c.sample_index)] = c
             start += n
         except torch.OutOfMemoryError:
@@ -414,7 +432,7 @@ def _run_rows(model: Transformer, prompts: list[list[int]], num_samples: int, ma
                 raise
             release(model)
             max_batch = max(1, n // 2)  # split and carry on: a long run never dies of it
-    return [results[(i, s)] for i in range(len(prompts)) for s in range(num_samples)]
+    return [results[(i, s)] for i in range(len(prompts)) for s in range(counts[i])]
 
 
 def _prefill(model: Transformer, prompts: list[list[int]], cache: KVCache, row_prompt: Tensor, P: int) -> Tensor:
@@ -501,7 +519,8 @@ class _DecodeState:
 
 
 def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, max_new: int,
-           params: SamplingParams, vocab: int, device: torch.device, shared: bool, seed: int) -> _DecodeState:
+           params: SamplingParams, vocab: int, device: torch.device, shared: bool,
+           streams: list[tuple[int, int]]) -> _DecodeState:
     """The state before the first new token: a row sees its own prompt's real tokens."""
     B0 = len(rows)
     valid = torch.zeros(B0, lay.L + lay.S, dtype=torch.bool, device=device)
@@ -519,7 +538,7 @@ def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, 
     return _DecodeState(valid, seen, torch.zeros(B0 + 1, max_new, dtype=torch.long, device=device),
                         torch.zeros(B0 + 1, max_new, dtype=torch.float32, device=device),
                         torch.zeros(B0 + 1, dtype=torch.long, device=device), torch.arange(B0, device=device),
-                        row_keys(seed, rows, device), torch.zeros(B0, dtype=torch.bool, device=device),
+                        row_keys(streams, rows, device), torch.zeros(B0, dtype=torch.bool, device=device),
                         lay.lens.clone(), None, B0)
 
 
@@ -542,7 +561,7 @@ def _compact(st: _DecodeState, cache: KVCache, S: int, B0: int, n_active: int) -
     st.B = nb
 
 
-def _run_batch(model, prompts, rows, max_new, params, stops, seed, shared=False) -> list[Completion]:
+def _run_batch(model, prompts, rows, max_new, params, stops, streams, shared=False) -> list[Completion]:
     """Sample `rows` ((prompt index, sample index) pairs) to at most `max_new` tokens each."""
     # 1) the cache layout and the prefill
     device = model.lm_head.weight.device
@@ -554,7 +573,7 @@ def _run_batch(model, prompts, rows, max_new, params, stops, seed, shared=False)
         cache = KVCache(cache.k, cache.v, *_get_prefix(model, L, dtype, device))
     logits = _prefill(model, [prompts[i] for i in lay.uniq], cache, lay.row_prompt, lay.P)
     # 2) decode, with no host sync except every SYNC_EVERY steps (the finished rows are compacted away)
-    st = _start(prompts, rows, lay, max_new, params, model.config.vocab_size, device, shared, seed)
+    st = _start(prompts, rows, lay, max_new, params, model.config.vocab_size, device, shared, streams)
     stop_t = torch.tensor(stops or [-1], device=device)
     write = torch.tensor([first], device=device)
     step = torch.zeros((), dtype=torch.int64, device=device)

@@ -325,7 +325,7 @@ def test_sampler_logits_are_fp32_products_of_bf16_weights():
 def test_race_noise_is_exponential_and_uncorrelated():
     """The counter-based draws: Exp(1) moments and quantiles (a naive check against the closed form),
     no correlation between neighbouring tokens, rows or steps, and the same draws for the same key."""
-    keys = G.row_keys(11, [(i, s) for i in range(4) for s in range(8)], "cpu")
+    keys = G.row_keys([(11, i) for i in range(4)], [(i, s) for i in range(4) for s in range(8)], "cpu")
     e0 = G.race_noise(keys, torch.tensor(0), 5000)
     e1 = G.race_noise(keys, torch.tensor(1), 5000)
     x = e0.flatten().double()
@@ -349,3 +349,23 @@ def test_samples_do_not_depend_on_batching(pair):
     assert [c.tokens for c in whole] == [c.tokens for c in split]
     other = generate(m, [prompts[0], [41, 42, 43], prompts[2], prompts[3]], **kw)
     assert [c.tokens for c in other if c.prompt_index != 1] == [c.tokens for c in whole if c.prompt_index != 1]
+
+
+def test_a_seed_per_prompt_samples_each_prompt_as_its_own_call(pair):
+    """Prompts with their own seeds and sample counts in one call: each prompt's completions equal those
+    of a call of its own with its seed (tokens; log-probs to fp32 rounding, the batch layouts differ)."""
+    _, m = pair
+    prompts = ragged(3, seed=6)
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, stop_ids=[])
+    together = generate(m, prompts, num_samples=[2, 4, 3], seed=[50, 51, 52], **kw)
+    assert [(c.prompt_index, c.sample_index) for c in together] == [(0, 0), (0, 1)] + [(1, s) for s in range(4)] + \
+        [(2, s) for s in range(3)]
+    alone = [c for i, (n, sd) in enumerate(zip([2, 4, 3], [50, 51, 52]))
+             for c in generate(m, [prompts[i]], num_samples=n, seed=sd, **kw)]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    for a, b in zip(together, alone):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match="seed needs one value per prompt"):
+        generate(m, prompts, seed=[1, 2], **kw)
+    with pytest.raises(ValueError, match="num_samples needs one count"):
+        generate(m, prompts, num_samples=[1, -1, 2], **kw)
