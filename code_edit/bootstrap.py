@@ -252,22 +252,36 @@ class _Sampler:
     on_tokens: Callable[[int], None] | None = None
 
     def __call__(self, messages: list[dict], n: int, sample_seed: int, where: str) -> list[str]:
+        return self.many([(messages, n, sample_seed, where)])[0]
+
+    def many(self, jobs: list[tuple[list[dict], int, int, str]]) -> list[list[str]]:
+        """Candidates for several prompts ((messages, n, seed, where) each) in one generate call per token
+        budget: each prompt's n samples are the ones a call of its own with its seed gives (generate's
+        per-prompt seeds), so batching the edits of a case changes speed, not candidates."""
         b = self.cfg.bootstrap
-        prompt = chat_ids(self.tok, messages)
-        budget = min(b.max_new_tokens, self.cfg.model.max_seq_len - len(prompt))
-        if budget < 1:
-            log.warning("%s: the open-book prompt has %d tokens, not below model.max_seq_len %d; no candidates",
-                        where, len(prompt), self.cfg.model.max_seq_len)
-            return []
-        with disabled(self.model):
-            comps = generate(self.model, [prompt], max_new_tokens=budget, temperature=b.temperature, top_p=b.top_p,
-                             num_samples=n, stop_ids=list(self.tok.eos_ids), seed=sample_seed)
-        n_tok = sum(len(c.tokens) for c in comps)
-        self.stats["candidates"] += len(comps)
-        self.stats["sampled_tokens"] += n_tok
-        if self.on_tokens:
-            self.on_tokens(n_tok)
-        return [self.tok.decode(c.tokens, skip_special_tokens=True) for c in comps]
+        out: list[list[str]] = [[] for _ in jobs]
+        groups: dict[int, list[tuple[int, list[int]]]] = {}  # budget -> (job, prompt ids)
+        for k, (messages, n, _, where) in enumerate(jobs):
+            prompt = chat_ids(self.tok, messages)
+            budget = min(b.max_new_tokens, self.cfg.model.max_seq_len - len(prompt))
+            if budget < 1:
+                log.warning("%s: the open-book prompt has %d tokens, not below model.max_seq_len %d; no "
+                            "candidates", where, len(prompt), self.cfg.model.max_seq_len)
+            elif n > 0:
+                groups.setdefault(budget, []).append((k, prompt))
+        for budget, group in groups.items():
+            with disabled(self.model):
+                comps = generate(self.model, [p for _, p in group], max_new_tokens=budget,
+                                 temperature=b.temperature, top_p=b.top_p, num_samples=[jobs[k][1] for k, _ in group],
+                                 stop_ids=list(self.tok.eos_ids), seed=[jobs[k][2] for k, _ in group])
+            n_tok = sum(len(c.tokens) for c in comps)
+            self.stats["candidates"] += len(comps)
+            self.stats["sampled_tokens"] += n_tok
+            if self.on_tokens:
+                self.on_tokens(n_tok)
+            for c in comps:
+                out[group[c.prompt_index][0]].append(self.tok.decode(c.tokens, skip_special_tokens=True))
+        return out
 
 
 def bootstrap_data(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: CausalEditConfig, *,
@@ -281,12 +295,17 @@ def bootstrap_data(model: Any, tok: Any, requests: Sequence[EditRequest], cfg: C
     sample = _Sampler(model, tok, cfg, stats, on_tokens)
     examples: list[tuple[list[int], list[int]]] = []
     thoughts: list[dict[str, Any]] = []
+    if cfg.editing_mode != "noncausal":  # every edit's cache lookup, then all first rounds as one batch
+        plans = [causal_plan(req, cfg, cache_dir, model_id, stats) for req in requests]
+        first = sample.many([(p.msgs, len(p.missing) * b.num_samples, causal_seed(req, model_id, 0), req.where)
+                             for req, p in zip(requests, plans)])
     for e, req in enumerate(requests):
         stats["replicas"] += b.replica_times
         if cfg.editing_mode == "noncausal":
             selected, cached = noncausal_replicas(sample, req, cfg, (seed, e), stats), set()
         else:
-            selected, cached = causal_replicas(sample, model, tok, req, cfg, cache_dir, model_id, stats)
+            selected, cached = causal_replicas(sample, model, tok, req, cfg, cache_dir, model_id, stats,
+                                               plans[e], first[e])
         for r in sorted(selected):
             examples.append(sft_ids(tok, sft_example(req.question, selected[r], req.new_answer, mode=cfg.editing_mode)))
             thoughts.append({"edit": e, "case_id": req.case_id, "rewrite_idx": req.rewrite_idx, "replica": r,
@@ -313,20 +332,44 @@ def noncausal_replicas(sample: _Sampler, req: EditRequest, cfg: CausalEditConfig
     return dict(enumerate(noncausal_thoughts(extracted, b.replica_times, req.new_answer)))
 
 
-def causal_replicas(sample: _Sampler, model: Any, tok: Any, req: EditRequest, cfg: CausalEditConfig,
-                    cache_dir: str | Path | None, model_id: str, stats: dict[str, Any]) -> tuple[dict[int, str], set[int]]:
-    """Causal mode (steps 1-5): ({replica: thought}, replicas from the cache). Cached replicas are reused;
-    the missing ones are sampled in one generate call (one prompt, replicas x num_samples samples, the
-    prompt prefilled once), extracted, filtered and scored, and the best of each replica is cached. A
-    replica with no valid candidate is sampled again up to `max_resample_rounds` times, then skipped."""
+@dataclass
+class CausalPlan:
+    """One edit's causal bootstrap before sampling: the cached replicas and the missing ones."""
+    selected: dict[int, str]  # replica -> thought, from the cache so far
+    missing: list[int]
+    cached: set[int]
+    msgs: list[dict]  # the open-book prompt
+
+
+def causal_plan(req: EditRequest, cfg: CausalEditConfig, cache_dir: str | Path | None, model_id: str,
+                stats: dict[str, Any]) -> CausalPlan:
+    """Causal mode, step 1: the replicas the cache holds, and the open-book prompt for the others. All of a
+    case's edits are planned first, so that their first sampling rounds share one batch (bootstrap_data)."""
     b = cfg.bootstrap
-    # 1) the cache
     selected, missing = ({}, list(range(b.replica_times))) if cache_dir is None else cached_replicas(
         cache_dir, model_id, req.question, req.article or "", b.replica_times)
-    cached = set(selected)
-    stats["from_cache"] += len(cached)
+    stats["from_cache"] += len(selected)
     msgs = bootstrap_messages(req.question, old_answer=req.old_answer, new_answer=req.new_answer,
                               article=req.article, mode="causal")
+    return CausalPlan(selected, missing, set(selected), msgs)
+
+
+def causal_seed(req: EditRequest, model_id: str, rnd: int) -> int:
+    """Seeded by what the cache is keyed by, not by the case: the same edit met in another case (or on
+    another torchrun rank, before the cache has it) draws the same candidates."""
+    return derive_seed("causal", model_id, req.question, req.article or "", rnd)
+
+
+def causal_replicas(sample: _Sampler, model: Any, tok: Any, req: EditRequest, cfg: CausalEditConfig,
+                    cache_dir: str | Path | None, model_id: str, stats: dict[str, Any],
+                    plan: CausalPlan, first: list[str]) -> tuple[dict[int, str], set[int]]:
+    """Causal mode (steps 2-5, after `causal_plan`): ({replica: thought}, replicas from the cache). The
+    missing replicas' candidates (`first`: replicas x num_samples samples of the one prompt, drawn by the
+    caller together with the case's other edits) are extracted, filtered and scored, and the best of each
+    replica is cached. A replica with no valid candidate is sampled again up to `max_resample_rounds`
+    times, then skipped."""
+    b = cfg.bootstrap
+    selected, missing, cached = plan.selected, plan.missing, plan.cached
 
     def scorer(ts: list[str]) -> list[float]:
         with disabled(model):
@@ -336,10 +379,8 @@ def causal_replicas(sample: _Sampler, model: Any, tok: Any, req: EditRequest, cf
     for rnd in range(1 + b.max_resample_rounds):
         if not missing:
             break
-        # Seeded by what the cache is keyed by, not by the case: the same edit met in another case (or on
-        # another torchrun rank, before the cache has it) draws the same candidates.
-        texts = sample(msgs, len(missing) * b.num_samples,
-                       derive_seed("causal", model_id, req.question, req.article or "", rnd), req.where)
+        texts = first if rnd == 0 else sample(plan.msgs, len(missing) * b.num_samples,
+                                              causal_seed(req, model_id, rnd), req.where)
         if not texts:  # no room to generate: already warned, nothing to resample
             stats["skipped_replicas"] += len(missing)
             return selected, cached
