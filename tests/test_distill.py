@@ -146,7 +146,7 @@ def test_micro_batches_equal_one_batch():
     for m in (2, 5, "2 + activation checkpointing"):
         assert grads[m][1] == pytest.approx(grads[1][1], rel=1e-6)
         for a, b in zip(grads[m][0], grads[1][0]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # fp32 sums in another order
 
 
 def test_same_teacher_and_student_give_exact_zero():
