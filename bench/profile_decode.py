@@ -22,7 +22,7 @@ from model import generate
 G = importlib.import_module("model.generate")
 
 KINDS = [  # first match wins
-    ("decode attention", r"_decode_kernel"),
+    ("decode attention", r"^_prefix_kernel|^_own_kernel"),
     ("nucleus check", r"_mass_above"),
     ("gemm", r"gemm|cutlass|sm90|nvjet|cublas|splitK"),
     ("top-k", r"topk|radix|sort|bitonic|gatherTopK"),

@@ -23,7 +23,7 @@ PREFIX_LINES = 64  # query lines (rows x query heads per KV head) that share one
 
 
 def usable(qg: Tensor) -> bool:
-    """Whether the kernel serves this query ([B, kv, g, D]): Triton present, a power-of-two head_dim of
+    """Whether the kernel serves these queries (head_dim last): Triton present, a power-of-two head_dim of
     16 or more (tl.dot's smallest tile), and a device Triton runs on (CUDA, or CPU under TRITON_INTERPRET)."""
     D = qg.shape[-1]
     return triton is not None and D >= 16 and D & (D - 1) == 0 and (qg.is_cuda or _interpreted())
@@ -119,24 +119,34 @@ if triton is not None:
                  mask=head[:, None])
 
 
-def decode_attention(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor,
-                     prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Attention of one new token per row: qg [B, kv, g, D]; own keys/values k, v [B, kv, S, D]; mask bool
-    [B, 1, 1, L + S] over [prefix | own slots]; prefix (keys, values [kv, L, D]) shared by all rows.
+def decode_attention(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: tuple[Tensor, Tensor] | None = None,
+                     new: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """Attention of one new token per row: qg [B, kv, g, D]; own cache k, v [B, kv, >= S, D], of which the
+    first S slots are attended; mask bool [B, 1, 1, L + S] over [prefix | own slots]; prefix (keys, values
+    [kv, L, D]) shared by all rows. `new` = (keys, values [B, kv, 1, D], slot index [1]) is first written
+    into the cache, inside the op: a compiled step then hands the op the cache buffers themselves (written
+    outside, inductor copies the whole window every step whenever it is a view of a larger buffer).
     Returns [B, kv, g, D] in v's dtype. Every row must see at least one slot."""
     pk, pv = prefix if prefix is not None else (None, None)
-    return _decode_op(qg, k, v, mask.reshape(mask.shape[0], mask.shape[-1]), pk, pv)
+    kn, vn, idx = new if new is not None else (None, None, None)
+    return _decode_op(qg, k, v, mask.reshape(mask.shape[0], mask.shape[-1]), pk, pv, kn, vn, idx)
 
 
 if triton is not None:
     # A custom op, so torch.compile keeps the block one graph around it (a graph break would split it).
-    @torch.library.custom_op("code_edit::decode_attention", mutates_args=())
-    def _decode_op(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor, pk: Tensor | None, pv: Tensor | None) -> Tensor:
+    @torch.library.custom_op("code_edit::decode_attention", mutates_args=("k", "v"))
+    def _decode_op(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor, pk: Tensor | None, pv: Tensor | None,
+                   kn: Tensor | None, vn: Tensor | None, idx: Tensor | None) -> Tensor:
+        if kn is not None:
+            k.index_copy_(2, idx, kn)
+            v.index_copy_(2, idx, vn)
         qg, k, v, mask = (t if t.stride(-1) == 1 else t.contiguous() for t in (qg, k, v, mask))
         B, kv, g, D = qg.shape
-        S, scale, ieee = k.shape[2], 1.0 / math.sqrt(D), v.dtype == torch.float32
-        mask = mask.view(torch.uint8)
         L = pk.shape[1] if pk is not None else 0
+        S, scale, ieee = mask.shape[1] - L, 1.0 / math.sqrt(D), v.dtype == torch.float32
+        if not 0 < S <= k.shape[2]:
+            raise ValueError(f"decode_attention: mask covers {S} own slots, cache k holds {k.shape[2]}")
+        mask = mask.view(torch.uint8)
         state = [v] * 3  # unread without a prefix
         if L:  # 1) the shared prefix, a tile of rows at a time: partial output, max, denominator per line
             state = [torch.empty(B, kv, g, *d, dtype=torch.float32, device=v.device) for d in ((D,), (), ())]
@@ -155,5 +165,5 @@ if triton is not None:
         return out
 
     @_decode_op.register_fake
-    def _(qg, k, v, mask, pk, pv):
+    def _(qg, k, v, mask, pk, pv, kn, vn, idx):
         return qg.new_empty(qg.shape, dtype=v.dtype)

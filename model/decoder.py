@@ -124,14 +124,18 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        prefix = None
-        if cache is not None:  # write this chunk at `write_idx`, then attend over the first S slots
+        if cache is None:
+            out = attend(q, k, v, mask)
+        elif T == 1 and decode_attention.usable(q):  # the kernel writes the new token, then attends
+            qg = q.view(B, self.n_kv, -1, self.head_dim)
+            out = decode_attention.decode_attention(qg, cache[0], cache[1], mask, cache[2:] or None, (k, v, write_idx))
+            out = out.view(B, self.n_heads, 1, self.head_dim)
+        else:  # write this chunk at `write_idx`, then attend over the first S slots
             cache[0].index_copy_(2, write_idx, k)
             cache[1].index_copy_(2, write_idx, v)
             prefix = cache[2:] or None
             S = mask.shape[-1] - (prefix[0].shape[1] if prefix else 0)
-            k, v = cache[0][:, :, :S], cache[1][:, :, :S]
-        out = attend(q, k, v, mask, prefix)
+            out = attend(q, cache[0][:, :, :S], cache[1][:, :, :S], mask, prefix)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -145,11 +149,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     B, H, T, D = q.shape
     kv = k.shape[1]
     g = H // kv
-    if T == 1:
-        qg = q.view(B, kv, g, D)
-        if decode_attention.usable(qg):
-            return decode_attention.decode_attention(qg, k, v, mask, prefix).reshape(B, H, 1, D)
-        return _attend_decode(qg, k, v, mask, prefix).reshape(B, H, 1, D)
+    if T == 1:  # the torch form of decode attention (Attention.forward takes the kernel where it can)
+        return _attend_decode(q.view(B, kv, g, D), k, v, mask, prefix).reshape(B, H, 1, D)
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

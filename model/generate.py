@@ -288,10 +288,11 @@ class _Decoder:
             # (bench/decode_modes.py measures it against graph replay of eager kernels).
             model.compile_blocks(decode=True)
 
-    def view(self, B: int, W: int) -> KVCache:
-        """The first B rows, attending over W mask slots: the shared prefix (if any), then own slots."""
-        S, c = W - self.L, self.cache
-        return KVCache([t[:B, :, :S] for t in c.k], [t[:B, :, :S] for t in c.v], c.prefix_k, c.prefix_v)
+    def view(self, B: int) -> KVCache:
+        """The first B rows, with all their slots: the mask says how many are attended. (Whole rows keep
+        the views contiguous, so one compiled block serves every window.)"""
+        c = self.cache
+        return KVCache([t[:B] for t in c.k], [t[:B] for t in c.v], c.prefix_k, c.prefix_v)
 
     def __call__(self, pick, params: SamplingParams, tok: Tensor, pos: Tensor, mask: Tensor, write_idx: Tensor,
                  key: Tensor, step: Tensor, seen: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -305,13 +306,13 @@ class _Decoder:
             return pick(self.fwd(self.model, t, p, m, cache, w), k, n, sn[0] if sn else None, params)
 
         if not self.cuda:
-            return step_fn(self.view(B, S), *inputs)
+            return step_fn(self.view(B), *inputs)
         key_ = (B, S, self.L, self.state, params, seen is None)
         g = self.eng.graphs.get(key_)
         if g is None:
             if self.eng.pool is None:
                 self.eng.pool = torch.cuda.graph_pool_handle()
-            cache = self.view(B, S)
+            cache = self.view(B)
             g = GraphedStep(lambda *a: step_fn(cache, *a), inputs, pool=self.eng.pool)
             self.eng.graphs[key_] = g
         return g(*inputs)

@@ -7,7 +7,9 @@ import sys
 import torch
 
 from model import generate, load_model
+from model.config import ModelConfig
 from model.decode_attention import decode_attention, usable
+from model.decoder import Block
 
 
 def reference(q, k, v, mask, prefix):
@@ -44,8 +46,46 @@ def kernel_errors() -> dict:
             valid[2, : L - 3] = False  # row 2: a long masked stretch, then three slots
         mask = valid[:, None, None, : L + S]
         out[name] = (decode_attention(q, k, v, mask, prefix).double() - reference(q, k, v, mask, prefix)).abs().max().item()
+    # The op's own write: the new token goes into slot S - 1 of a cache with spare slots beyond S.
+    B, kv, g, D, S, L = 3, 2, 2, 16, 20, 8
+    q, kn, vn = torch.randn(B, kv, g, D, generator=g_), torch.randn(B, kv, 1, D, generator=g_), torch.randn(B, kv, 1, D, generator=g_)
+    k, v = torch.randn(B, kv, S + 6, D, generator=g_), torch.randn(B, kv, S + 6, D, generator=g_)
+    prefix = tuple(torch.randn(kv, L, D, generator=g_) for _ in range(2))
+    mask = (torch.rand(B, L + S, generator=g_) < 0.5)[:, None, None]
+    mask[..., -1] = True
+    k0, v0 = k.clone(), v.clone()
+    got = decode_attention(q, k, v, mask, prefix, (kn, vn, torch.tensor([S - 1])))
+    k0[:, :, S - 1:S], v0[:, :, S - 1:S] = kn, vn
+    out["writes the new token"] = max((got.double() - reference(q, k0[:, :, :S], v0[:, :, :S], mask, prefix)).abs().max().item(),
+                                      (k - k0).abs().max().item(), (v - v0).abs().max().item())
     out["usable"] = usable(torch.zeros(1, 1, 1, 16))
     return out
+
+
+def compiled_step() -> dict:
+    """One decoder block compiled for a decode step over a strided cache (rows of a larger buffer, a prefix
+    that is a view): the caches the op receives (graph inputs, or copies inductor made of them), its
+    difference from the eager block, and the slot it wrote."""
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    blk = Block(cfg).eval()
+    B, S, L = 4, 30, 12
+    caches = [torch.randn(B + 2, 2, S + 10, 16)[:B] for _ in range(2)]
+    prefix = [torch.randn(2, L + 4, 16)[:, :L] for _ in range(2)]
+    x, cos, sin = torch.randn(B, 1, 64), torch.randn(B, 1, 1, 16), torch.randn(B, 1, 1, 16)
+    mask = torch.rand(B, 1, 1, L + S) < 0.7
+    mask[..., -1] = True
+    idx = torch.tensor([S - 1])
+    eager = [c.clone() for c in caches]
+    with torch.no_grad():
+        want = blk(x, cos, sin, mask, (*eager, *prefix), idx)
+        got, codes = run_and_get_code(torch.compile(blk, dynamic=True), x, cos, sin, mask, (*caches, *prefix), idx)
+    call = next(line for c in codes for line in c.splitlines() if "code_edit.decode_attention.default(" in line)
+    args = call.split("default(", 1)[1].split(", ")
+    return {"cache args": args[1:3], "max diff": (got - want).abs().max().item(),
+            "cache diff": max((a - b).abs().max().item() for a, b in zip(caches, eager))}
 
 
 def main(model_dir: str) -> None:
@@ -53,7 +93,7 @@ def main(model_dir: str) -> None:
     prompts = [[5, 9, 11, 3, 40], [7] * 17, [30, 31, 32, 33, 34, 35, 36, 37, 38]]
     runs = [generate(m, prompts, max_new_tokens=12, temperature=1.0, top_p=0.9, num_samples=3, stop_ids=[], seed=4),
             generate(m, prompts, max_new_tokens=12, temperature=0, stop_ids=[])]
-    print(json.dumps({"errors": kernel_errors(),
+    print(json.dumps({"errors": kernel_errors(), "compiled": compiled_step(),
                       "runs": [[(c.tokens, c.logprobs) for c in r] for r in runs]}))
 
 
