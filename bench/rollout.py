@@ -77,12 +77,15 @@ def attention_alone(bw: float) -> list[dict]:
         nbytes = (2 * B * kv * S * D + 2 * kv * L * D) * 2 + B * (L + S)
         row = {"case": name, "floor_us": 1e6 * nbytes / bw,
                "kernel_us": _us(decode_attention, q, k, v, mask, pre), "torch_us": _us(_attend_decode, q, k, v, mask, pre)}
-        default = (DA.BLOCK_SLOTS, DA.PREFIX_LINES)
-        for blocks, lines in ((32, 64), (128, 64), (64, 32), (64, 128)):  # the kernel's two tile sizes
-            DA.BLOCK_SLOTS, DA.PREFIX_LINES = blocks, lines
-            row[f"kernel_us_slots{blocks}_lines{lines}"] = _us(decode_attention, q, k, v, mask, pre)
-        DA.BLOCK_SLOTS, DA.PREFIX_LINES = default
-        print(f"  tiles (slots, lines): {default}: {row['kernel_us']:.0f} us; " + ", ".join(
+        names = ("PREFIX_SLOTS", "OWN_SLOTS", "OWN_STAGES")
+        default = tuple(getattr(DA, n) for n in names)
+        for tiles in ((64, 64, 3), (128, 128, 2), (128, 64, 2), (128, 32, 4)):  # the kernels' tiles, beside the default
+            for n, t in zip(names, tiles):
+                setattr(DA, n, t)
+            row["kernel_us_" + "_".join(map(str, tiles))] = _us(decode_attention, q, k, v, mask, pre)
+        for n, t in zip(names, default):
+            setattr(DA, n, t)
+        print(f"  tiles (prefix slots, own slots, own stages): {default}: {row['kernel_us']:.0f} us; " + ", ".join(
             f"{k.split('us_')[1]}: {v:.0f} us" for k, v in row.items() if k.startswith("kernel_us_")), flush=True)
         print(f"attention alone, {name}: kernel {row['kernel_us']:.0f} us, torch form {row['torch_us']:.0f} us "
               f"({row['torch_us'] / row['kernel_us']:.1f}x), floor {row['floor_us']:.0f} us "

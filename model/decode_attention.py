@@ -18,8 +18,11 @@ try:  # GPU builds of torch ship Triton; CPU builds need none of it
 except ImportError:
     triton = None
 
-BLOCK_SLOTS = 64  # cache slots per inner step (a fully masked block is skipped, its keys never read)
+# Tile sizes, from a sweep on an H200 (bench/runs/p9/own_kernel_sweep_s12.log, 7B and SmolLM2 heads):
+PREFIX_SLOTS = 128  # prefix slots per inner step (a block no line of the tile sees is skipped, never read)
 PREFIX_LINES = 64  # query lines (rows x query heads per KV head) that share one read of the prefix
+OWN_SLOTS = 64  # own-cache slots per inner step
+OWN_STAGES = 3  # software-pipelined loads of the own loop (next blocks in flight while one is folded)
 
 
 def usable(qg: Tensor) -> bool:
@@ -89,7 +92,7 @@ if triton is not None:
     def _own_kernel(Q, K, V, Mask, Acc, Mx, Den, O,
                     sq_b, sq_h, sq_g, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, so_b, so_h, so_g,
                     S, L, G, scale, D: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
-                    HAS_PREFIX: tl.constexpr, IEEE: tl.constexpr):
+                    HAS_PREFIX: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
         """One row's own slots for one KV head, continuing from the prefix's partial state (if any), then
         the normalised output."""
         b = tl.program_id(0).to(tl.int64)
@@ -108,13 +111,14 @@ if triton is not None:
             den = tl.zeros([GP], tl.float32)
             acc = tl.zeros([GP, D], tl.float32)
         Kp, Vp, Mp = K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, Mask + b * sm_b + L
-        for start in range(0, S, BN):
+        # No skip branch here (a row's own slots are nearly all visible): the loop then pipelines its loads.
+        # Masked slots are still never read, and a masked block folds in exactly nothing (p = 0, alpha = 1).
+        for start in tl.range(0, S, BN, num_stages=STAGES):
             n = start + tl.arange(0, BN)
             vis = tl.load(Mp + n, mask=n < S, other=0) != 0
-            if tl.max(vis.to(tl.int32), axis=0) > 0:  # a fully masked block is skipped, its slots never read
-                k = tl.load(Kp + n[:, None] * sk_s + d[None, :], mask=vis[:, None], other=0.0)
-                v = tl.load(Vp + n[:, None] * sv_s + d[None, :], mask=vis[:, None], other=0.0)
-                m, den, acc = _fold(q, k, v, vis[None, :], m, den, acc, scale, IEEE)
+            k = tl.load(Kp + n[:, None] * sk_s + d[None, :], mask=vis[:, None], other=0.0)
+            v = tl.load(Vp + n[:, None] * sv_s + d[None, :], mask=vis[:, None], other=0.0)
+            m, den, acc = _fold(q, k, v, vis[None, :], m, den, acc, scale, IEEE)
         tl.store(O + b * so_b + h * so_h + gi[:, None] * so_g + d[None, :], (acc / den[:, None]).to(O.dtype.element_ty),
                  mask=head[:, None])
 
@@ -155,13 +159,14 @@ if triton is not None:
             _prefix_kernel[(triton.cdiv(B, R), kv)](
                 qg, pk, pv, mask, *state, qg.stride(0), qg.stride(1), qg.stride(2),
                 pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), mask.stride(0),
-                B, L, g, R, scale, D=D, BM=triton.next_power_of_2(R * g), BN=BLOCK_SLOTS, IEEE=ieee, num_warps=4)
+                B, L, g, R, scale, D=D, BM=triton.next_power_of_2(R * g), BN=PREFIX_SLOTS, IEEE=ieee, num_warps=4)
         out = torch.empty(B, kv, g, D, dtype=v.dtype, device=v.device)
         _own_kernel[(B, kv)](  # 2) each row's own slots, from the prefix's state
             qg, k, v, mask, *state, out, qg.stride(0), qg.stride(1), qg.stride(2),
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
             out.stride(0), out.stride(1), out.stride(2), S, L, g, scale,
-            D=D, GP=max(16, triton.next_power_of_2(g)), BN=BLOCK_SLOTS, HAS_PREFIX=L > 0, IEEE=ieee, num_warps=4)
+            D=D, GP=max(16, triton.next_power_of_2(g)), BN=OWN_SLOTS, HAS_PREFIX=L > 0, IEEE=ieee,
+            STAGES=OWN_STAGES, num_warps=4)
         return out
 
     @_decode_op.register_fake
