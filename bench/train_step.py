@@ -1,5 +1,6 @@
 """LoRA training benchmark (GPU): our SFT train step (eager, and with the decoder blocks compiled as
-train.sft runs it) against transformers + peft on the same weights, then one full distillation step (`train.distill.Distiller.step`) split into its phases.
+train.sft runs it) against transformers + peft on the same weights, then one full distillation step
+(`train.distill.Distiller.step`) split into its phases.
 
 Random-init Qwen2.5-7B in bf16, LoRA rank 12 / alpha 24 on all seven projections, batch 8 x 512 tokens.
 GPU:   python bench/train_step.py [--out train_step.json] [--grad-ckpt] [--layers N] [--skip-hf] [--skip-distill]
