@@ -145,35 +145,45 @@ def check_merged_lora(model, prompts) -> bool:
 
 
 def check_sft_graph(mcfg) -> bool:
-    """SFT steps replayed from CUDA graphs against the same fixed-shape steps launched one by one
-    (compiled blocks in both, fp32, adapter dropout 0 so both draw nothing random), over several length
-    buckets (one graph each): same losses, adapter."""
+    """Packed SFT steps replayed from CUDA graphs against the same fixed-shape steps launched one by one
+    (compiled blocks in both, fp32 (dense block-diagonal attention), adapter dropout 0 so both draw nothing
+    random), over several length buckets (one graph each): same losses, adapter. Then the same steps in
+    bf16, graphed, where attention is flash's variable-length kernel: captured, and its losses within bf16
+    rounding of the fp32 run's."""
     from model.decoder import Transformer
     from model.lora import LoraConfig, add_lora, lora_parameters
     import train.sft as S
     from train.sft import SFTConfig, sft
     os.environ["CODE_EDIT_COMPILE"], os.environ["CODE_EDIT_CUDA_GRAPHS"] = "1", "1"
-    step, S.LENGTH_STEP = S.LENGTH_STEP, 16  # several length buckets: one graph each, replayed in mixed order
+    step, S.PACK_STEP = S.PACK_STEP, 64  # several length buckets: one graph each, replayed in mixed order
     g = torch.Generator().manual_seed(1)
     ex = [(torch.randint(10, 4000, (int(n),), generator=g).tolist(), torch.randint(10, 4000, (int(m),), generator=g).tolist())
           for n, m in zip(torch.randint(20, 90, (10,), generator=g), torch.randint(5, 40, (10,), generator=g))]
     outs = []
-    for graphs in (False, True):
+    for graphs, dtype in ((False, torch.float32), (True, torch.float32), (True, torch.bfloat16)):
         torch.manual_seed(0)
         model = Transformer(mcfg).cuda().requires_grad_(False)
         add_lora(model, LoraConfig(rank=8, alpha=16, dropout=0.0, seed=3))
+        model.to(dtype)
+        for p in lora_parameters(model):  # fp32 masters, as load_model + add_lora keep them
+            p.data = p.data.float()
         out = sft(model, ex, lora_parameters(model), SFTConfig(lr=1e-3, epochs=4, batch_size=4, stop_loss=None,
                                                                cuda_graphs=graphs), fixed_shapes=True)
         outs.append((out, [p.detach().clone() for p in lora_parameters(model)]))
-    S.LENGTH_STEP = step
-    (a, pa), (b, pb) = outs
+    S.PACK_STEP = step
+    (a, pa), (b, pb), (h, _) = outs
     dl = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a["losses"], b["losses"]))
     dp = max(float((x - y).abs().max()) for x, y in zip(pa, pb))
     good = (b["cuda_graph"] and not a["cuda_graph"] and dl < 1e-4 and dp < 1e-4 and a["losses"][-1] < a["losses"][0]
             and b["graphs"] > 1)
-    print(f"sft: graph replay used={b['cuda_graph']} over {b['graphs']} graphs (padding {b['padding']:.0%}); "
+    print(f"sft packed fp32: graph replay used={b['cuda_graph']} over {b['graphs']} graphs (padding {b['padding']:.0%}); "
           f"max rel|dloss|={dl:.2e} over {len(a['losses'])} steps, "
           f"max|dparam|={dp:.2e}, loss {a['losses'][0]:.3f} -> {a['losses'][-1]:.3f}: {'ok' if good else 'FAILED'}")
+    dh = max(abs(x - y) / abs(x) for x, y in zip(a["losses"], h["losses"]))
+    good_h = h["cuda_graph"] and h["graphs"] > 1 and dh < 2e-2
+    print(f"sft packed bf16 (flash varlen): graph replay used={h['cuda_graph']} over {h['graphs']} graphs; "
+          f"max rel|dloss| against fp32 {dh:.2e}: {'ok' if good_h else 'FAILED'}")
+    good &= good_h
     # Dropout inside a compiled function inside a graph must draw new masks at every replay, not replay one.
     import torch.nn.functional as F
     from model.cuda_graph import GraphedStep

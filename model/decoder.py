@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,11 +140,22 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+class Segments(NamedTuple):
+    """Sequences laid end to end in one row (B = 1, packed training), each attending causally within
+    itself only. starts: int32 [S + 1], the cumulative lengths (0 first, T last; empty segments allowed);
+    longest: a bound on every segment's length (the flash kernel's grid: fixed, so that one captured step
+    serves any batch of its shape)."""
+    starts: Tensor
+    longest: int
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Segments | None,
            prefix: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Grouped-query attention. mask: bool [B, 1, T, S] (True = may attend) or None for plain causal.
-    Decode (T == 1) may also attend to a `prefix` (keys, values [n_kv, L, D]) shared by all rows; the
-    mask then covers [prefix | own slots] ([B, 1, 1, L + S])."""
+    """Grouped-query attention. mask: bool [B, 1, T, S] (True = may attend), None for plain causal, or
+    Segments for packed rows. Decode (T == 1) may also attend to a `prefix` (keys, values [n_kv, L, D])
+    shared by all rows; the mask then covers [prefix | own slots] ([B, 1, 1, L + S])."""
+    if isinstance(mask, Segments):
+        return _attend_segments(q, k, v, mask)
     if mask is None:  # no cache here, so T == S; a constant flag keeps the length symbolic under torch.compile
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     B, H, T, D = q.shape
@@ -154,6 +166,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _attend_segments(q: Tensor, k: Tensor, v: Tensor, seg: Segments) -> Tensor:
+    """Block-diagonal causal attention over one packed row (q [1, H, T, D], k, v [1, kv, T, D]). In half
+    precision on CUDA: flash attention's variable-length kernel, which visits each segment's own
+    triangle only (GQA native). Elsewhere (CPU, fp32): dense attention under the block-diagonal causal
+    mask built on the device, so it needs no host sync either."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from torch.nn.attention.varlen import varlen_attn
+        qs, ks, vs = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [T, heads, D]
+        out = varlen_attn(qs, ks, vs, seg.starts, seg.starts, seg.longest, seg.longest, window_size=(-1, 0))
+        return out.transpose(0, 1)[None]
+    T = q.shape[2]
+    t = torch.arange(T, device=q.device)
+    which = torch.searchsorted(seg.starts[1:].to(torch.long), t, right=True)  # segment of each position
+    mask = (which[:, None] == which[None, :]) & (t[:, None] >= t[None, :])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def _attend_decode(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -325,9 +354,10 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def run(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None,
+    def run(self, input_ids: Tensor, positions: Tensor, mask: Tensor | Segments | None,
             cache: KVCache | None = None, write_idx: Tensor | None = None) -> Tensor:
-        """Final-normed hidden states for explicit positions / mask / cache (the generator's entry)."""
+        """Final-normed hidden states for explicit positions / mask / cache (the generator's entry; packed
+        training passes restarting positions and Segments)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):

@@ -4,7 +4,9 @@ exactly the metrics.json (timings aside) that the code gave before the restructu
 the same day when SFT's result gained "graphs", "graphed_steps", "shapes", "positions" and "padding", with
 every other value checked unchanged against the first record; rewritten again when the sampler's noise
 became counter-based (model/generate.py race_noise): only sampled values moved, the SFT losses and padding
-and the distillation losses, while every greedy and count value stayed)."""
+and the distillation losses, while every greedy and count value stayed); rewritten on 2026-12-04 when SFT
+batches became packed rows: SFT positions and padding (now 0) moved, and losses in their 6th digit
+(other matmul shapes), nothing else)."""
 import json
 import sys
 from pathlib import Path

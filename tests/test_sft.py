@@ -97,9 +97,12 @@ def collate(rows):
     return ids, mask, labels
 
 
-def plain_loop(model, examples, params, cfg: SFTConfig):
+def plain_loop(model, examples, params, cfg: SFTConfig, packed: bool = False):
     """The SFT loop written the obvious way (each step: forward, backward, clip, AdamW, read the loss,
-    maybe stop), the reference for `sft`, which reads each loss one step late."""
+    maybe stop), the reference for `sft`, which reads each loss one step late. The forward runs
+    right-padded rows with -100 labels, or with `packed` sft's own packed rows (then the same adapter
+    dropout masks are drawn)."""
+    from model.decoder import Segments
     total, warmup = sft_plan(len(examples), cfg.batch_size, cfg.epochs, cfg.warmup_ratio)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -110,10 +113,17 @@ def plain_loop(model, examples, params, cfg: SFTConfig):
         for _ in range(cfg.epochs):
             order = torch.randperm(len(examples), generator=gen).tolist()
             for b0 in range(0, len(order), cfg.batch_size):
-                ids, _, labels = collate([examples[i] for i in order[b0:b0 + cfg.batch_size]])
+                batch = [examples[i] for i in order[b0:b0 + cfg.batch_size]]
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor("cosine", step, total, warmup)
-                h = model.hidden(ids)
+                if packed:
+                    b = S.pack_stream(batch)
+                    h = model.run(b.ids, b.positions, Segments(b.starts, 1024))[0]
+                    labels = torch.full((h.shape[0],), -100)
+                    labels[b.rows] = b.targets
+                else:
+                    ids, _, labels = collate(batch)
+                    h = model.hidden(ids)
                 loss = completion_ce_loss(h.reshape(-1, h.shape[-1]), model.lm_head.weight, labels.reshape(-1))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -133,7 +143,7 @@ def test_equals_the_plain_loop_up_to_the_early_stop():
     examples = [(PROMPT, COMPLETION[: 3 + i % 4]) for i in range(6)]
     cfg = SFTConfig(lr=2e-2, epochs=30, batch_size=4, max_grad_norm=1.0, stop_loss=0.6, stop_consecutive=2)
     model, params = lora_model()
-    want = plain_loop(model, examples, params, cfg)
+    want = plain_loop(model, examples, params, cfg, packed=True)
     assert 5 < len(want) < 30 * 2 - 5  # the stop falls inside the run
     model2, params2 = lora_model()
     out = sft(model2, examples, params2, cfg)
@@ -141,36 +151,41 @@ def test_equals_the_plain_loop_up_to_the_early_stop():
     assert all(torch.equal(a, b) for a, b in zip(params2, params))
 
 
-@pytest.mark.parametrize("step", [64, 2])
-def test_fixed_shape_batches_equal_the_plain_loop(step, monkeypatch):
-    """The padding the CUDA-graph steps run (each batch at its length bucket, with the most learned tokens
-    of that bucket's batches; here a 10-example set whose last batch is short), without the graph: the
-    same losses and adapter as the plain loop, up to float rounding of other matmul shapes. A step of 2
-    makes several buckets, so batches of one run have different shapes."""
-    monkeypatch.setattr(S, "LENGTH_STEP", step)
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("step", [256, 2])
+def test_packed_batches_equal_the_plain_loop(step, fixed, monkeypatch):
+    """Packed steps (a batch's rows end to end, attention within each row), unpadded and with the padding
+    the CUDA-graph steps run (each batch at its length bucket, with the most learned tokens of that
+    bucket's batches; here a 10-example set whose last batch is short), without the graph: the same
+    losses and adapter as the plain loop over right-padded rows, up to float rounding of other matmul
+    shapes. A step of 2 makes several buckets, so batches of one run have different shapes."""
+    monkeypatch.setattr(S, "PACK_STEP", step)
     examples = [(PROMPT[: 1 + i % 5], COMPLETION[: 2 + i % 6]) for i in range(10)]
     cfg = SFTConfig(lr=2e-2, epochs=6, batch_size=4, max_grad_norm=1.0, stop_loss=None)
     model, params = lora_model(dropout=0.0)
     want = plain_loop(model, examples, params, cfg)
     model2, params2 = lora_model(dropout=0.0)
-    out = sft(model2, examples, params2, cfg, fixed_shapes=True)
+    out = sft(model2, examples, params2, cfg, fixed_shapes=fixed)
     assert out["losses"] == pytest.approx(want, rel=1e-4, abs=1e-5) and out["cuda_graph"] is False
     assert len(want) == 18 and want[-1] < want[0] - 1.0  # it trained
-    assert (out["shapes"] > 3) == (step == 2) and 0 < out["padding"] < 1
+    if fixed:
+        assert (out["shapes"] > 3) == (step == 2) and 0 < out["padding"] < 1
+    else:
+        assert out["padding"] == 0
     for a, b in zip(params2, params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_step_shapes_bucket_each_batch_by_its_own_longest_row(monkeypatch):
-    """Hand-built plan: a batch's positions are its longest row (prompt + completion - 1) rounded up to
-    LENGTH_STEP; batches of one (rows, positions) bucket share the most learned tokens among them."""
-    monkeypatch.setattr(S, "LENGTH_STEP", 8)
+def test_step_shapes_bucket_each_batch_by_its_packed_length(monkeypatch):
+    """Hand-built plan: a batch's positions are its rows' total length (prompt + completion - 1 each)
+    rounded up to PACK_STEP; batches of one (rows, positions) bucket share the most learned tokens."""
+    monkeypatch.setattr(S, "PACK_STEP", 8)
     r = lambda p, c: ([1] * p, [2] * c)  # noqa: E731
     plan = [(0, [r(3, 2), r(5, 4)]), (0, [r(2, 2), r(2, 3)]), (1, [r(10, 6), r(1, 1)]), (1, [r(1, 1)])]
-    # longest rows: 8, 4, 15, 1 -> 8, 8, 16, 8; learned: 6, 5, 7, 1
-    assert S._step_shapes(plan) == [(2, 8, 6), (2, 8, 6), (2, 16, 7), (1, 8, 1)]
+    # packed lengths: 4 + 8, 3 + 4, 15 + 1, 1 -> 16, 8, 16, 8; learned: 6, 5, 7, 1
+    assert S._step_shapes(plan) == [(2, 16, 7), (2, 8, 5), (2, 16, 7), (1, 8, 1)]
     for (_, b), shape in zip(plan, S._step_shapes(plan)):
-        assert S.pack(b, shape).ids.shape == shape[:2]
+        assert S.pack_stream(b, shape).ids.shape == (1, shape[1])
 
 
 def test_schedule_and_only_lora_changes():
@@ -220,16 +235,41 @@ def test_pack_learns_only_the_completion():
     # position 2 (token 7) predicts 8, 3 predicts 9; row 1's position 0 (4) predicts 3 -> flat 4 + 0
     assert b.rows.tolist() == [2, 3, 4] and b.targets.tolist() == [8, 9, 3] and b.tokens == 3
     assert b.weight.tolist() == pytest.approx([1 / 3] * 3)
-    f = pack([([5, 6, 7], [8, 9]), ([4], [3])], shape=(3, 6, 5))  # fixed shape: padded everywhere
-    assert f.ids.tolist() == [[5, 6, 7, 8, 0, 0], [4, 0, 0, 0, 0, 0], [0] * 6]
-    assert f.rows.tolist() == [2, 3, 6, 0, 0] and f.targets.tolist() == [8, 9, 3, 0, 0]
-    assert f.weight.tolist() == pytest.approx([1 / 3] * 3 + [0, 0])
     ids, _, labels = collate([([5, 6, 7], [8, 9]), ([4], [3])])  # the same positions as -100 labels
     flat = labels.reshape(-1)
     assert (flat != -100).nonzero().squeeze(1).tolist() == b.rows.tolist()
     assert flat[b.rows].tolist() == b.targets.tolist()
+
+
+def test_pack_stream_lays_rows_end_to_end():
+    """Hand values: rows [5 6 7 | 8] and [4], positions restarting per row, boundaries, learned positions;
+    a fixed shape adds an empty row segment, the padding tail and weight-0 learned entries."""
+    rows = [([5, 6, 7], [8, 9]), ([4], [3])]
+    b = S.pack_stream(rows)
+    assert b.ids.tolist() == [[5, 6, 7, 8, 4]] and b.positions.tolist() == [[0, 1, 2, 3, 0]]
+    assert b.starts.tolist() == [0, 4, 5, 5] and b.real == 5
+    # position 2 (token 7) predicts 8, 3 predicts 9; the second row's position 0 (flat 4) predicts 3
+    assert b.rows.tolist() == [2, 3, 4] and b.targets.tolist() == [8, 9, 3]
+    assert b.weight.tolist() == pytest.approx([1 / 3] * 3)
+    f = S.pack_stream(rows, shape=(3, 8, 5))
+    assert f.ids.tolist() == [[5, 6, 7, 8, 4, 0, 0, 0]] and f.starts.tolist() == [0, 4, 5, 5, 8]
+    assert f.rows.tolist() == [2, 3, 4, 0, 0] and f.targets.tolist() == [8, 9, 3, 0, 0]
+    assert f.weight.tolist() == pytest.approx([1 / 3] * 3 + [0, 0])
     with pytest.raises(ValueError, match="fixed shape"):
-        pack([([5, 6, 7], [8, 9])], shape=(1, 3, 2))
+        S.pack_stream(rows, shape=(2, 4, 3))
+
+
+def test_packed_rows_attend_only_within_themselves():
+    """Hidden states of rows packed end to end under Segments equal each row run alone (a 2-layer GQA
+    model, fp32), padding tail included as its own segment."""
+    from model.decoder import Segments
+    model = tiny_model()
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 9, 9, 4]]
+    b = S.pack_stream([(r[:1], r[1:] + [2]) for r in rows], shape=(4, 16, 16))
+    with torch.no_grad():
+        packed = model.run(b.ids, b.positions, Segments(b.starts, 16))[0]
+        for r, (a, e) in zip(rows, zip(b.starts.tolist(), b.starts.tolist()[1:])):
+            torch.testing.assert_close(packed[a:e], model.hidden(torch.tensor([r]))[0], rtol=1e-5, atol=1e-5)
 
 
 def test_right_padding_needs_no_mask():

@@ -1,8 +1,9 @@
 """Supervised LoRA fine-tuning with a completion-only loss (causal bootstrapping's SFT, docs/method.md 3.2 step 9).
 
 AdamW over the given parameters, linear warmup then cfg.lr_scheduler over the planned steps, gradient
-clipping, per-epoch shuffling, early stop once the step loss stays below a threshold. The host reads each
-step's loss one step late, so it never waits for the GPU to drain (see `sft`).
+clipping, per-epoch shuffling, early stop once the step loss stays below a threshold. A batch's rows are
+packed end to end with per-row causal attention, so padding costs nothing. The host reads each step's
+loss one step late, so it never waits for the GPU to drain (see `sft`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import torch
 from torch import nn
 
 from model.cuda_graph import GraphedStep
+from model.decoder import Segments
 from train import TrainingDiverged
 from train.schedules import lr_factor
 from train.losses import weighted_ce_at
 
 log_ = logging.getLogger(__name__)  # `log` is sft's per-step callback argument
-LENGTH_STEP = 64  # padded batch lengths are multiples of this: few shapes (graphs), little padding
+PACK_STEP = 256  # a graphed step's packed length is a multiple of this: few shapes (graphs), little padding
 
 
 @dataclass
@@ -66,11 +68,40 @@ def truncate_example(prompt: list[int], completion: list[int], max_length: int) 
 
 @dataclass
 class Batch:
-    """One step's inputs on the host. ids: right-padded [B, T] rows of prompt + completion without its
-    last token; rows: flat positions (b * T + t) whose next token is learned, in row-major order,
-    targets: those tokens, weight: 1 / (completion tokens in the batch). Fixed-shape batches pad ids with
-    pad_id, and rows/targets/weight with weight-0 entries at position 0."""
+    """Right-padded rows (the distillation step's layout): ids [B, T] of prompt + completion without its
+    last token, padded with pad_id; rows: flat positions (b * T + t) whose next token is learned, in
+    row-major order; targets: those tokens; weight: 1 / (completion tokens in the batch)."""
     ids: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    weight: torch.Tensor
+    tokens: int
+
+
+def pack(rows: list[tuple[list[int], list[int]]], pad_id: int = 0) -> Batch:
+    """The right-padded Batch of (prompt, completion) rows, as small as the rows allow."""
+    seqs = [(p + c)[:-1] for p, c in rows]
+    n_learn, T = sum(len(c) for _, c in rows), max(len(q) for q in seqs)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    pos, tgt = [], []
+    for b, ((p, c), q) in enumerate(zip(rows, seqs)):
+        ids[b, : len(q)] = torch.tensor(q)
+        pos.extend(range(b * T + len(p) - 1, b * T + len(p) - 1 + len(c)))
+        tgt.extend(c)
+    return Batch(ids, torch.tensor(pos, dtype=torch.long), torch.tensor(tgt, dtype=torch.long),
+                 torch.full((n_learn,), 1.0 / n_learn), n_learn)
+
+
+@dataclass
+class Packed:
+    """One SFT step's inputs on the host, the batch's rows (prompt + completion without its last token) laid
+    end to end in one row: ids and positions [1, T] (positions restart at 0 in each row); starts, int32
+    [B + 2], the rows' boundaries, the last segment being the padding tail (a fixed shape's missing rows
+    are empty segments); rows: flat positions whose next token is learned; targets: those tokens; weight:
+    1 / (completion tokens in the batch), 0 on padding entries (which point at position 0)."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    starts: torch.Tensor
     rows: torch.Tensor
     targets: torch.Tensor
     weight: torch.Tensor
@@ -78,41 +109,39 @@ class Batch:
     real: int  # positions holding a real token (the rest is padding)
 
     def to(self, device) -> tuple[torch.Tensor, ...]:
-        ts = (self.ids, self.rows, self.targets, self.weight)
+        ts = (self.ids, self.positions, self.starts, self.rows, self.targets, self.weight)
         if torch.device(device).type == "cuda":  # pinned: the copies queue behind the GPU's work, the host goes on
             return tuple(t.pin_memory().to(device, non_blocking=True) for t in ts)
         return tuple(t.to(device) for t in ts)
 
 
-def pack(rows: list[tuple[list[int], list[int]]], shape: tuple[int, int, int] | None = None,
-         pad_id: int = 0) -> Batch:
-    """The Batch of (prompt, completion) rows; shape = (B, T, R) pads it to B rows, T positions and R
-    learned positions (for a CUDA graph), else it is as small as the rows allow."""
+def pack_stream(rows: list[tuple[list[int], list[int]]], shape: tuple[int, int, int] | None = None,
+                pad_id: int = 0) -> Packed:
+    """The Packed batch of (prompt, completion) rows; shape = (B, T, R) pads it to B rows, T positions and
+    R learned positions (for a CUDA graph), else it is as small as the rows allow."""
     seqs = [(p + c)[:-1] for p, c in rows]
-    n_learn, longest = sum(len(c) for _, c in rows), max(len(q) for q in seqs)
-    B, T, R = shape or (len(rows), longest, n_learn)
-    if len(rows) > B or longest > T or n_learn > R:
-        raise ValueError(f"pack: {len(rows)} rows, {longest} positions, {n_learn} learned "
+    n_learn, real = sum(len(c) for _, c in rows), sum(len(q) for q in seqs)
+    B, T, R = shape or (len(rows), real, n_learn)
+    if len(rows) > B or real > T or n_learn > R:
+        raise ValueError(f"pack_stream: {len(rows)} rows, {real} positions, {n_learn} learned "
                          f"tokens do not fit the fixed shape {(B, T, R)}")
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos, tgt = [], []
-    for b, ((p, c), q) in enumerate(zip(rows, seqs)):
-        ids[b, : len(q)] = torch.tensor(q)
-        pos.extend(range(b * T + len(p) - 1, b * T + len(p) - 1 + len(c)))
+    ids = torch.full((1, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((1, T), dtype=torch.long)
+    starts, pos, tgt, at = [0], [], [], 0
+    for (p, c), q in zip(rows, seqs):
+        ids[0, at:at + len(q)] = torch.tensor(q)
+        positions[0, at:at + len(q)] = torch.arange(len(q))
+        pos.extend(range(at + len(p) - 1, at + len(p) - 1 + len(c)))
         tgt.extend(c)
+        at += len(q)
+        starts.append(at)
+    starts += [at] * (B - len(rows)) + [T]
     pad = R - n_learn
     weight = torch.zeros(R, dtype=torch.float32)
     weight[:n_learn] = 1.0 / n_learn
-    return Batch(ids, torch.tensor(pos + [0] * pad, dtype=torch.long), torch.tensor(tgt + [0] * pad, dtype=torch.long),
-                 weight, n_learn, sum(len(q) for q in seqs))
-
-
-def right_padded_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Hidden states of right-padded rows. No attention mask is passed on purpose: under the causal
-    mask a real token never sees the padding to its right and positions count from 0 either way,
-    so real positions come out the same as with the mask, while the plain-causal path lets SDPA use
-    its fused (flash) kernels. Padding positions carry garbage and must be ignored by the caller."""
-    return model.hidden(input_ids)
+    return Packed(ids, positions, torch.tensor(starts, dtype=torch.int32),
+                  torch.tensor(pos + [0] * pad, dtype=torch.long), torch.tensor(tgt + [0] * pad, dtype=torch.long),
+                  weight, n_learn, real)
 
 
 def use_cuda_graphs(device: torch.device, cfg: "SFTConfig") -> bool:
@@ -176,9 +205,10 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     would apply), RMSNorm/RoPE and the loss compute in fp32 explicitly, and the gradients land on the
     fp32 masters; autocast would add only its cast cache. An fp32 model stays fp32 (tests, CPU).
 
-    With CUDA graphs (use_cuda_graphs) each batch is padded to its bucket's shape (`_step_shapes`), one
-    graph per bucket; padding adds nothing to the loss. `fixed_shapes` (default: exactly when graphs are
-    used) runs that padding without a graph, to check it.
+    Each batch runs packed: its rows end to end in one row, attention confined to each row (Segments), so
+    no position is padding but a graphed step's tail. With CUDA graphs (use_cuda_graphs) each batch is
+    padded to its bucket's shape (`_step_shapes`), one graph per bucket; padding adds nothing to the loss.
+    `fixed_shapes` (default: exactly when graphs are used) runs that padding without a graph, to check it.
     """
     # 1) the data, the schedule and the batch plan
     device = model.lm_head.weight.device
@@ -203,10 +233,12 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     model.train()
     W = model.lm_head.weight
 
-    def step_fn(ids, pos, targets, weight):
-        """Forward, backward and clipping of one batch; no host sync, so it can be captured."""
-        h = right_padded_hidden(model, ids)
-        loss = weighted_ce_at(h.reshape(-1, h.shape[-1]), W, pos, targets, weight)
+    longest = max(cfg.max_length, PACK_STEP)  # bounds every segment, the padding tail's too
+
+    def step_fn(ids, positions, starts, rows, targets, weight):
+        """Forward, backward and clipping of one packed batch; no host sync, so it can be captured."""
+        h = model.run(ids, positions, Segments(starts, longest))
+        loss = weighted_ce_at(h[0], W, rows, targets, weight)
         loss.backward()
         return loss.detach(), torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=device.type == "cuda")
 
@@ -243,13 +275,13 @@ def _batch_plan(rows: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> list
 
 
 def _step_shapes(plan: list) -> list[tuple[int, int, int]]:
-    """Each planned batch's padded shape (rows, positions, learned tokens): positions rounded up to
-    LENGTH_STEP, and within one (rows, positions) bucket the most learned tokens of its batches, so a
-    bucket is one shape (one CUDA graph) and a batch pays only for its own longest row, not the data's."""
+    """Each planned batch's padded shape (rows, packed positions, learned tokens): its rows' total length
+    rounded up to PACK_STEP, and within one (rows, positions) bucket the most learned tokens of its
+    batches, so a bucket is one shape (one CUDA graph) and a batch pays for little beyond its own tokens."""
     keys = []
     for _, b in plan:
-        T = max(len(p) + len(c) - 1 for p, c in b)
-        keys.append((len(b), T + (-T) % LENGTH_STEP))
+        T = sum(len(p) + len(c) - 1 for p, c in b)
+        keys.append((len(b), T + (-T) % PACK_STEP))
     learned: dict[tuple[int, int], int] = {}
     for k, (_, b) in zip(keys, plan):
         learned[k] = max(learned.get(k, 0), sum(len(c) for _, c in b))
@@ -299,7 +331,7 @@ class _Recorder:
         self.cfg, self.log, self.losses, self.below = cfg, log, [], 0
         self.run_positions, self.real_positions, self.shapes = 0, 0, set()
 
-    def positions(self, b: Batch) -> None:
+    def positions(self, b: Packed) -> None:
         """Count a batch's positions, run (its padded shape) and real (its rows' tokens), and its shape."""
         self.run_positions += b.ids.numel()
         self.real_positions += b.real
@@ -331,7 +363,7 @@ def _run_steps(run: Callable, plan: list, shapes: list | None, device: torch.dev
     and logs are those of the plain loop."""
     pending = None
     for step, (epoch, batch) in enumerate(plan):
-        b = pack(batch, shapes[step] if shapes else None)
+        b = pack_stream(batch, shapes[step] if shapes else None)
         record.positions(b)
         loss, gnorm = run(*b.to(device))
         if pending is not None and record(pending):
