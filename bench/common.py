@@ -1,9 +1,11 @@
-"""Shared pieces of the GPU benchmarks: a random-init full-size Qwen2.5-7B, hardware ceilings, timing."""
+"""Shared pieces of the GPU benchmarks: a random-init full-size Qwen2.5-7B, hardware ceilings, timing, and
+Breakdown (a run's parts timed by wrapping the functions that do them)."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections import defaultdict
 
 import torch
 
@@ -114,3 +116,77 @@ def write_json(path: str | None, data) -> None:
 def device_line() -> str:
     p = torch.cuda.get_device_properties(0)
     return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
+
+
+class Breakdown:
+    """Seconds and counts of each stage's parts, collected (while `on`) by wrapping the functions that do
+    them; a wrapped call waits for the GPU before and after (`sync`), so its seconds are its own."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.on, self.stage = cuda, False, "?"
+        self.parts: dict[str, float] = defaultdict(float)
+        self.events: list[tuple[str, object, object]] = []
+        self._undo: list = []
+
+    def _patch(self, owner, name: str, make) -> None:
+        real = getattr(owner, name)
+        setattr(owner, name, make(real))
+        self._undo.append((owner, name, real))
+
+    def follow_stages(self) -> None:
+        """Name the parts after the editor's stage they run in."""
+        from code_edit.editor import Stages
+
+        def make(real):
+            def wrapper(st, name):
+                self.stage = name
+                return real(st, name)
+            return wrapper
+        self._patch(Stages, "__call__", make)
+
+    def timed(self, owner, name: str, part: str, sync: bool = True, count=None) -> None:
+        def make(real):
+            def wrapper(*a, **k):
+                if not self.on:
+                    return real(*a, **k)
+                if sync and self.cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = real(*a, **k)
+                if sync and self.cuda:
+                    torch.cuda.synchronize()
+                key = f"{self.stage}: {part}"
+                self.parts[key + " s"] += time.perf_counter() - t
+                self.parts[key + " calls"] += 1
+                for c, v in (count(out) if count else {}).items():
+                    self.parts[f"{key} {c}"] += v
+                return out
+            return wrapper
+        self._patch(owner, name, make)
+
+    def gpu_timed(self, owner, name: str, part: str) -> None:
+        """GPU seconds of each call by CUDA events around it (no sync), summed when read."""
+        def make(real):
+            def wrapper(*a, **k):
+                if not (self.on and self.cuda):
+                    return real(*a, **k)
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = real(*a, **k)
+                e.record()
+                self.events.append((f"{self.stage}: {part}", s, e))
+                return out
+            return wrapper
+        self._patch(owner, name, make)
+
+    def read(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        for key, s, e in self.events:
+            self.parts[key + " gpu s"] += s.elapsed_time(e) / 1e3
+            self.parts[key + " calls"] += 1
+        return {k: round(v, 3) for k, v in sorted(self.parts.items())}
+
+    def undo(self) -> None:
+        for owner, name, real in reversed(self._undo):
+            setattr(owner, name, real)

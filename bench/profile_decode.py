@@ -1,9 +1,10 @@
 """Where a generate call's time goes (GPU): the decode graph against everything outside it, and the
 kernels by kind (GEMMs, fused Triton, top-k, noise, indexing), for one shape of the method.
-Random-init Qwen2.5-7B, no stop token. Run with TORCH_LOGS=recompiles to see recompiles: the script
+Random-init Qwen2.5-7B (or `--smollm2`: the embedded SmolLM2-135M in bf16), no stop token. Run with TORCH_LOGS=recompiles to see recompiles: the script
 prints a marker before the timed calls, so any recompile line after it is one a real run would pay.
 
 Usage: python bench/profile_decode.py --prompts 4 --samples 64 --prompt-len 512 [--new 128] [--lora] [--layers N]
+       (the distillation step's rollouts: --smollm2 --lora --prompts 4 --samples 9 --prompt-len 128 --new 180)
 The attention is batched matmuls (counted under "gemm") and fused Triton parts (under "triton").
 """
 from __future__ import annotations
@@ -49,13 +50,18 @@ def main():
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--lora", action="store_true", help="rank-12 LoRA on all seven projections, switched on")
     ap.add_argument("--top", type=int, default=20, help="kernels listed")
+    ap.add_argument("--smollm2", action="store_true", help="the embedded SmolLM2-135M instead of a random 7B")
     args = ap.parse_args()
-    model = random_model(QWEN25_7B, layers=args.layers)
+    if args.smollm2:
+        from model import load_model
+        model = load_model("smollm2-135m-instruct", dtype=torch.bfloat16, device="cuda")
+    else:
+        model = random_model(QWEN25_7B, layers=args.layers)
     if args.lora:
         from model.lora import LoraConfig, add_lora
         add_lora(model, LoraConfig(rank=12, alpha=24, dropout=0.0))
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(100, 150000, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    prompts = [torch.randint(100, model.config.vocab_size - 100, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     run = lambda: generate(model, prompts, max_new_tokens=args.new, temperature=1.0, top_p=args.top_p,  # noqa: E731
                            num_samples=args.samples, stop_ids=[], seed=0)
     t0 = time.perf_counter()

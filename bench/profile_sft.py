@@ -1,54 +1,105 @@
-"""An SFT step on SmolLM2-135M + LoRA r12 (batch 12 x ~790 tokens): eager, compiled decoder blocks
-(Transformer.compile_blocks), and compiled blocks with the step replayed from a CUDA graph (model/cuda_graph.py
-GraphedStep); ms per step after warm-up, and the loss agreement between them."""
+"""Where a packed SFT step's time goes (GPU, issue P10): SmolLM2-135M with the preset's LoRA, trained on a
+real case's 100 SFT examples (bench/runs/p10/sft_rows_7774.json) at the preset's batch, learning rate and
+schedule, as a case runs it. Per packing step (train.sft.PACK_STEP): seconds whole and by part (graph
+captures, replays' GPU time, optimizer and packing on the host); then the kernels of uncaptured steps by
+kind, per step (kernel times are those inside a graph; only the launch gaps differ).
+
+GPU:  cd bench && PYTHONPATH=.. python profile_sft.py [--epochs 125] [--pack-steps 256 1024]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
 import json
-import sys
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+import model.cuda_graph as CG
+import train.sft as S
+from common import Breakdown, device_line
+from code_edit.bootstrap import run_sft
+from code_edit.config import load_hparams
 from model import load_model
-from model.lora import LoraConfig, add_lora, lora_parameters
-from train.sft import SFTConfig, sft
+from model.lora import LoraConfig, add_lora, reset
+from profile_decode import kind_of
+
+ROWS = Path(__file__).parent / "runs" / "p10" / "sft_rows_7774.json"
 
 
-def timed(mode: str, ex) -> dict:
-    model = load_model("smollm2-135m-instruct", device="cuda")
-    add_lora(model, LoraConfig(rank=12, alpha=24, dropout=0.05, seed=3407))
-    if mode == "eager":
-        model.compile_blocks = lambda *a, **k: False  # keep this instance eager
-    graphs = mode == "compiled+graph"
-    cfg = SFTConfig(lr=3e-5, epochs=1, batch_size=12, stop_loss=None, cuda_graphs=graphs)
-    t = time.perf_counter()
-    first = sft(model, ex[:24], lora_parameters(model), cfg)  # warm-up: compilation (both shapes)
-    warm = time.perf_counter() - t
-    torch.cuda.synchronize()
-    cfg = SFTConfig(lr=3e-5, epochs=3, batch_size=12, stop_loss=None, cuda_graphs=graphs)
-    t = time.perf_counter()
-    out = sft(model, ex, lora_parameters(model), cfg)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    return {"mode": mode, "graph_used": out["cuda_graph"], "warmup_s": round(warm, 1), "steps": out["steps"],
-            "ms_per_step": round(dt / out["steps"] * 1e3, 1), "losses": out["losses"][:5],
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "first_losses": first["losses"][:2]}
+def run(model, ex, cfg, epochs: int) -> dict:
+    """The preset's SFT (code_edit.bootstrap.run_sft) for `epochs`, without the early stop."""
+    b = dataclasses.replace(cfg.bootstrap, epochs=epochs, early_stop_loss=None)
+    return run_sft(model, ex, dataclasses.replace(cfg, bootstrap=b))
 
 
 def main():
-    g = torch.Generator().manual_seed(0)
-    ex = [(torch.randint(100, 40000, (int(n),), generator=g).tolist(), torch.randint(100, 40000, (170,), generator=g).tolist())
-          for n in torch.randint(560, 660, (96,), generator=g)]
-    rows = []
-    for mode in ("eager", "compiled", "compiled+graph"):
-        torch.cuda.reset_peak_memory_stats()
-        rows.append(timed(mode, ex))
-        print(json.dumps(rows[-1]), flush=True)
-    # The first two steps see B = 0 (LoRA init, then lr 0 in warm-up): dropout masks cannot matter yet,
-    # so all modes' losses must agree there up to bf16 rounding; later steps differ by dropout RNG.
-    for r in rows[1:]:
-        print(f"{r['mode']}: {rows[0]['ms_per_step'] / r['ms_per_step']:.2f}x eager; |loss diff| on the first two "
-              f"steps {max(abs(a - b) for a, b in zip(rows[0]['first_losses'], r['first_losses'])):.4f}")
-    if len(sys.argv) > 1:
-        json.dump(rows, open(sys.argv[1], "w"), indent=1)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=125)
+    ap.add_argument("--pack-steps", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    cfg = load_hparams("smollm2-135m-instruct")
+    ex = [(p, c) for p, c in json.load(open(ROWS))["examples"]]
+    model = load_model(cfg.model.source, dtype=torch.bfloat16, device="cuda")
+    lc = cfg.lora
+    add_lora(model, LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=lc.target_modules,
+                               seed=lc.init_seed))
+    print(f"device: {device_line()}; {len(ex)} examples, {args.epochs} epochs", flush=True)
+    t = time.perf_counter()
+    run(model, ex, cfg, 2)  # compiles the blocks
+    print(f"warm-up (compile) {time.perf_counter() - t:.1f} s", flush=True)
+
+    # 1) the run a case makes, by part
+    bd = Breakdown(True)
+    bd.timed(CG.GraphedStep, "__init__", "graph capture")
+    bd.gpu_timed(CG.GraphedStep, "__call__", "graph replay")
+    bd.timed(torch.optim.AdamW, "step", "optimizer step (host)", sync=False)
+    bd.timed(S, "pack_stream", "pack_stream (host)", sync=False)
+    bd.on, bd.stage = True, "sft"
+    default_step = S.PACK_STEP
+    for step in args.pack_steps:
+        S.PACK_STEP = step
+        reset(model, lc.init_seed)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = run(model, ex, cfg, args.epochs)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        parts = bd.read()
+        bd.parts.clear(), bd.events.clear()
+        print(f"\nPACK_STEP {step}: {dt:.2f} s, {out['steps']} steps = {dt / out['steps'] * 1e3:.1f} ms/step; "
+              f"graphs {out['graphs']}, padding {out['padding']:.3f}, positions {out['positions']:,}", flush=True)
+        for k, v in parts.items():
+            print(f"  {k:40s} {v}")
+    S.PACK_STEP = default_step
+    bd.undo()
+
+    # 2) kernels of uncaptured steps, by kind
+    reset(model, lc.init_seed)
+    os.environ["CODE_EDIT_CUDA_GRAPHS"] = "0"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = run(model, ex, cfg, 2)
+        torch.cuda.synchronize()
+    n = out["steps"]
+    by_kind, by_name = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.is_user_annotation:
+            us = ev.time_range.elapsed_us()
+            for table, key in ((by_kind, kind_of(ev.name)), (by_name, ev.name)):
+                table[key][0] += us
+                table[key][1] += 1
+    gpu = sum(v[0] for v in by_kind.values())
+    print(f"\nuncaptured steps: {n}; GPU busy {gpu / 1e3 / n:.2f} ms/step, "
+          f"{sum(v[1] for v in by_kind.values()) / n:.0f} kernels/step")
+    for k, (us, c) in sorted(by_kind.items(), key=lambda x: -x[1][0]):
+        print(f"  {k:16s} {us / 1e3 / n:7.3f} ms/step  {100 * us / gpu:5.1f}%  {c / n:6.0f} kernels/step")
+    print("top kernels (ms/step, kernels/step, name):")
+    for name, (us, c) in sorted(by_name.items(), key=lambda x: -x[1][0])[:args.top]:
+        print(f"  {us / 1e3 / n:7.3f} {c / n:6.0f}  {name[:110]}")
 
 
 if __name__ == "__main__":

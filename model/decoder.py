@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import decode_attention
+from . import decode_attention, lora
 from .config import ModelConfig
 
 
@@ -234,16 +234,19 @@ class MLP(nn.Module):
 
 def project(x: Tensor, mods: tuple[nn.Module, ...], fused: tuple[Tensor, Tensor | None] | None) -> list[Tensor]:
     """Several projections of one input. With fused weights (see `Transformer.fuse_projections`) the base
-    products are one matmul, and each module's adapter term (LoRA `delta`) is added to its slice. A merged
-    adapter lives in the fused weight too; only a merged one switched off needs each module's saved base."""
+    products are one matmul and the adapters' terms are added to it: as one grouped product
+    (lora.grouped_delta) when they are alike, else each module's `delta` to its slice. A merged adapter
+    lives in the fused weight too; only a merged one switched off needs each module's saved base."""
     if fused is None or any(getattr(m, "merged", False) and m.disabled for m in mods):
         return [m(x) for m in mods]
-    outs = F.linear(x, *fused).split([m.weight.shape[0] for m in mods], dim=-1)
-    res = []
-    for out, m in zip(outs, mods):
-        d = m.delta(x) if hasattr(m, "delta") else None
-        res.append(out if d is None else out + m.scale * d)
-    return res
+    out = F.linear(x, *fused)
+    grouped = lora.groupable(mods)
+    if grouped:  # every adapter in two matmuls, added before the split
+        out = out + mods[0].scale * lora.grouped_delta(x, mods)
+    outs = out.split([m.weight.shape[0] for m in mods], dim=-1)
+    if grouped or not any(isinstance(m, lora.LoraLinear) for m in mods):
+        return list(outs)
+    return [o if (d := getattr(m, "delta", lambda _: None)(x)) is None else o + m.scale * d for o, m in zip(outs, mods)]
 
 
 class Block(nn.Module):

@@ -72,17 +72,46 @@ class LoraLinear(nn.Module):
         return out if d is None else out.add_(d, alpha=self.scale)
 
     def delta(self, x: Tensor) -> Tensor | None:
-        """The unscaled adapter term B(A(dropout(x))), or None when the adapter is off or merged. The
-        decoder adds `scale * delta` to its fused q/k/v and gate/up products."""
+        """The unscaled adapter term B(A(dropout(x))), or None when the adapter is off or merged."""
         if self.disabled or self.merged:
             return None
-        h = F.dropout(x, self.dropout, True) if self.training and self.dropout > 0 else x
-        # .to() is a no-op when dtypes agree; on a bf16 base it casts the small A, B (not x).
-        return F.linear(F.linear(h, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return grouped_delta(x, (self,))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.lora_A.shape[0]}, "
                 f"scale={self.scale:g}, dropout={self.dropout:g}, disabled={self.disabled}, merged={self.merged}")
+
+
+RANK_ALIGN = 8  # the rank is padded with zeros to a multiple of this inside the products (see grouped_delta)
+
+
+def groupable(mods: tuple[LoraLinear, ...]) -> bool:
+    """Whether adapters on one input can run as one grouped product: all on, unmerged, and alike."""
+    m0 = mods[0]
+    return all(isinstance(m, LoraLinear) and not (m.disabled or m.merged) and m.scale == m0.scale
+               and m.dropout == m0.dropout and m.training == m0.training and m.lora_A.shape[0] == m0.lora_A.shape[0]
+               for m in mods)
+
+
+def grouped_delta(x: Tensor, mods: tuple[LoraLinear, ...]) -> Tensor:
+    """The unscaled adapter terms B_i(A_i(dropout_i(x))) of modules sharing the input x (q/k/v, gate/up),
+    side by side along the last dim like their fused base product (see `groupable`). Two matmuls for the
+    group: all A's in one (a batched one when each module drops its own mask, drawn in module order as
+    separate calls would), all B's in one (block-diagonal). The rank is zero-padded to RANK_ALIGN inside:
+    a 12-wide operand (24 bytes) misses the 16-byte alignment of the fast GEMM kernels, and the zeros add
+    nothing, to the sums or to the gradients. On a bf16 base the fp32 masters are cast here (not x)."""
+    r = mods[0].lora_A.shape[0]
+    pad = -r % RANK_ALIGN
+    A = torch.cat([F.pad(m.lora_A, (0, 0, 0, pad)) for m in mods]).to(x.dtype)  # [n * rp, in]
+    B = torch.block_diag(*[F.pad(m.lora_B, (0, pad)) for m in mods]).to(x.dtype)  # [sum out, n * rp]
+    m0 = mods[0]
+    if m0.training and m0.dropout > 0:
+        xs = torch.stack([F.dropout(x, m0.dropout, True) for _ in mods]).flatten(1, -2)  # [n, N, in]
+        h = torch.bmm(xs, A.view(len(mods), r + pad, -1).transpose(1, 2))  # [n, N, rp]
+        h = h.transpose(0, 1).reshape(*x.shape[:-1], -1)  # [..., n * rp], module-major like A's rows
+    else:
+        h = F.linear(x, A)
+    return F.linear(h, B)
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoraLinear]]:

@@ -25,7 +25,7 @@ from train.schedules import lr_factor
 from train.losses import weighted_ce_at
 
 log_ = logging.getLogger(__name__)  # `log` is sft's per-step callback argument
-PACK_STEP = 256  # a graphed step's packed length is a multiple of this: few shapes (graphs), little padding
+PACK_STEP = 1024  # a graphed step's packed length is a multiple of this: each shape costs one graph capture
 
 
 @dataclass
