@@ -180,12 +180,16 @@ class Breakdown:
         self._patch(owner, name, make)
 
     def read(self) -> dict[str, float]:
+        """The parts collected since the last read (which starts them anew)."""
         if self.cuda:
             torch.cuda.synchronize()
         for key, s, e in self.events:
             self.parts[key + " gpu s"] += s.elapsed_time(e) / 1e3
             self.parts[key + " calls"] += 1
-        return {k: round(v, 3) for k, v in sorted(self.parts.items())}
+        out = {k: round(v, 3) for k, v in sorted(self.parts.items())}
+        self.parts.clear()
+        self.events.clear()
+        return out
 
     def undo(self) -> None:
         for owner, name, real in reversed(self._undo):

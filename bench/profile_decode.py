@@ -1,7 +1,8 @@
 """Where a generate call's time goes (GPU): the decode graph against everything outside it, and the
 kernels by kind (GEMMs, fused Triton, top-k, noise, indexing), for one shape of the method.
-Random-init Qwen2.5-7B (or `--smollm2`: the embedded SmolLM2-135M in bf16), no stop token. Run with TORCH_LOGS=recompiles to see recompiles: the script
-prints a marker before the timed calls, so any recompile line after it is one a real run would pay.
+Random-init Qwen2.5-7B (or `--smollm2`: the embedded SmolLM2-135M in bf16), no stop token. Run with
+TORCH_LOGS=recompiles to see recompiles: the script prints a marker before the timed calls, so any
+recompile line after it is one a real run would pay.
 
 Usage: python bench/profile_decode.py --prompts 4 --samples 64 --prompt-len 512 [--new 128] [--lora] [--layers N]
        (the distillation step's rollouts: --smollm2 --lora --prompts 4 --samples 9 --prompt-len 128 --new 180)
@@ -61,7 +62,8 @@ def main():
         from model.lora import LoraConfig, add_lora
         add_lora(model, LoraConfig(rank=12, alpha=24, dropout=0.0))
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(100, model.config.vocab_size - 100, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(100, vocab - 100, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     run = lambda: generate(model, prompts, max_new_tokens=args.new, temperature=1.0, top_p=args.top_p,  # noqa: E731
                            num_samples=args.samples, stop_ids=[], seed=0)
     t0 = time.perf_counter()

@@ -70,7 +70,6 @@ def main():
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         parts = bd.read()
-        bd.parts.clear(), bd.events.clear()
         print(f"\nPACK_STEP {step}: {dt:.2f} s, {out['steps']} steps = {dt / out['steps'] * 1e3:.1f} ms/step; "
               f"graphs {out['graphs']}, padding {out['padding']:.3f}, positions {out['positions']:,}", flush=True)
         for k, v in parts.items():

@@ -239,14 +239,11 @@ def project(x: Tensor, mods: tuple[nn.Module, ...], fused: tuple[Tensor, Tensor 
     lives in the fused weight too; only a merged one switched off needs each module's saved base."""
     if fused is None or any(getattr(m, "merged", False) and m.disabled for m in mods):
         return [m(x) for m in mods]
-    out = F.linear(x, *fused)
-    grouped = lora.groupable(mods)
-    if grouped:  # every adapter in two matmuls, added before the split
-        out = out + mods[0].scale * lora.grouped_delta(x, mods)
-    outs = out.split([m.weight.shape[0] for m in mods], dim=-1)
-    if grouped or not any(isinstance(m, lora.LoraLinear) for m in mods):
-        return list(outs)
-    return [o if (d := getattr(m, "delta", lambda _: None)(x)) is None else o + m.scale * d for o, m in zip(outs, mods)]
+    out, sizes = F.linear(x, *fused), [m.weight.shape[0] for m in mods]
+    if lora.groupable(mods):  # every adapter in two matmuls, added before the split
+        return list((out + mods[0].scale * lora.grouped_delta(x, mods)).split(sizes, dim=-1))
+    deltas = [m.delta(x) if isinstance(m, lora.LoraLinear) else None for m in mods]
+    return [o if d is None else o + m.scale * d for o, m, d in zip(out.split(sizes, dim=-1), mods, deltas)]
 
 
 class Block(nn.Module):

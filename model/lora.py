@@ -105,12 +105,13 @@ def grouped_delta(x: Tensor, mods: tuple[LoraLinear, ...]) -> Tensor:
     A = torch.cat([F.pad(m.lora_A, (0, 0, 0, pad)) for m in mods]).to(x.dtype)  # [n * rp, in]
     B = torch.block_diag(*[F.pad(m.lora_B, (0, pad)) for m in mods]).to(x.dtype)  # [sum out, n * rp]
     m0 = mods[0]
-    if m0.training and m0.dropout > 0:
+    drop = m0.training and m0.dropout > 0
+    if drop and len(mods) > 1:
         xs = torch.stack([F.dropout(x, m0.dropout, True) for _ in mods]).flatten(1, -2)  # [n, N, in]
         h = torch.bmm(xs, A.view(len(mods), r + pad, -1).transpose(1, 2))  # [n, N, rp]
         h = h.transpose(0, 1).reshape(*x.shape[:-1], -1)  # [..., n * rp], module-major like A's rows
     else:
-        h = F.linear(x, A)
+        h = F.linear(F.dropout(x, m0.dropout, True) if drop else x, A)
     return F.linear(h, B)
 
 
