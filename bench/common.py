@@ -164,6 +164,32 @@ class Breakdown:
             return wrapper
         self._patch(owner, name, make)
 
+    def span(self, owner, start: str, end: str, part: str) -> None:
+        """Seconds from a call of `start` to the return of `end` (a context manager's __enter__/__exit__)."""
+        t0 = [0.0]
+
+        def make_start(real):
+            def wrapper(*a, **k):
+                if self.on and self.cuda:
+                    torch.cuda.synchronize()
+                t0[0] = time.perf_counter()
+                return real(*a, **k)
+            return wrapper
+
+        def make_end(real):
+            def wrapper(*a, **k):
+                out = real(*a, **k)
+                if self.on:
+                    if self.cuda:
+                        torch.cuda.synchronize()
+                    key = f"{self.stage}: {part}"
+                    self.parts[key + " s"] += time.perf_counter() - t0[0]
+                    self.parts[key + " calls"] += 1
+                return out
+            return wrapper
+        self._patch(owner, start, make_start)
+        self._patch(owner, end, make_end)
+
     def gpu_timed(self, owner, name: str, part: str) -> None:
         """GPU seconds of each call by CUDA events around it (no sync), summed when read."""
         def make(real):

@@ -103,13 +103,22 @@ def is_valid_thought(thought: str | None, min_words: int = 5) -> bool:
     return invalid_reason(thought, min_words) is None
 
 
+def valid_thoughts(candidates: Sequence[str], min_words: int = 5) -> list[str]:
+    """The valid thoughts extracted from one replica's candidate completions (steps 3-4), in order."""
+    return [t for t in (extract_thought(c) for c in candidates) if is_valid_thought(t, min_words)]
+
+
 def choose_thought(candidates: Sequence[str], score: Callable[[list[str]], Sequence[float]],
                    min_words: int = 5) -> str | None:
     """Best valid thought among one replica's candidate completions (step 5), or None if none is valid.
 
     score(thoughts) -> one reward per thought (higher is better); ties go to the earliest thought.
     """
-    thoughts = [t for t in (extract_thought(c) for c in candidates) if is_valid_thought(t, min_words)]
+    return best_thought(valid_thoughts(candidates, min_words), score)
+
+
+def best_thought(thoughts: list[str], score: Callable[[list[str]], Sequence[float]]) -> str | None:
+    """The highest-reward thought (the earliest on ties), or None for none."""
     if not thoughts:
         return None
     rewards = list(score(thoughts))
@@ -140,7 +149,7 @@ def sft_example(question: str, thought: str, new_answer: str, *, mode: str = "ca
 # ------------------------------------------------------------------------------------------------
 # Model-dependent part: candidates from the base model, reward scoring, SFT
 
-SCORE_TOKENS = {"cuda": 32768, "cpu": 4096}  # padded tokens per scoring forward
+SCORE_TOKENS = {"cuda": 32768, "cpu": 2048}  # tokens per scoring forward (packed: no padding)
 
 
 @torch.no_grad()
@@ -148,49 +157,55 @@ def span_mean_logprobs(model: Any, sequences: Sequence[list[int]], positions: Se
                        max_tokens: int | None = None) -> list[float]:
     """Mean log p(token | prefix) over `positions` of each sequence, teacher-forced, fp32.
 
-    Sequences are right-padded into batches of about `max_tokens` padded tokens; only the hidden
-    states in front of the scored tokens go through the lm_head (train.losses.token_logprobs), so no
-    [tokens, vocab] tensor is built. Runs the model as it is (callers disable LoRA for the base model).
-    """
+    Sequences are packed end to end into rows of about `max_tokens` tokens, each attending to itself only
+    (model.decoder.Segments: no padding, no mask tensor); only the hidden states in front of the scored
+    tokens go through the lm_head (train.losses.token_logprobs), so no [tokens, vocab] tensor is built.
+    Runs the model as it is (callers disable LoRA for the base model)."""
+    from model.decoder import Segments
     from train.losses import token_logprobs
 
     if len(sequences) != len(positions):
         raise ValueError(f"{len(sequences)} sequences but {len(positions)} position lists")
+    for k, (seq, pos) in enumerate(zip(sequences, positions)):
+        if not pos or any(not 1 <= p < len(seq) for p in pos):
+            raise ValueError(f"sequence #{k}: positions {pos[:4]}... must be non-empty and in [1, {len(seq)})")
     weight = model.lm_head.weight
     device = weight.device
     budget = max_tokens or SCORE_TOKENS.get(device.type, SCORE_TOKENS["cuda"])
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out = [0.0] * len(sequences)
     was_training = model.training
     model.eval()
     try:
         i = 0
-        while i < len(order):
-            T = len(sequences[order[i]])
-            n = max(1, min(len(order) - i, budget // max(T, 1)))
-            batch = order[i:i + n]
-            ids = torch.zeros(n, T, dtype=torch.long, device=device)
-            mask = torch.zeros(n, T, dtype=torch.long, device=device)
-            rows, cols = [], []
+        while i < len(sequences):
+            # 1) the next sequences that fit the budget (at least one), end to end
+            j, T = i + 1, len(sequences[i])
+            while j < len(sequences) and T + len(sequences[j]) <= budget:
+                T += len(sequences[j])
+                j += 1
+            batch = range(i, j)
+            ids, pos, starts, rows, cols = [], [], [0], [], []
             for r, k in enumerate(batch):
-                seq = sequences[k]
-                ids[r, :len(seq)] = torch.tensor(seq, device=device)
-                mask[r, :len(seq)] = 1
-                for p in positions[k]:
-                    if not 1 <= p < len(seq):
-                        raise ValueError(f"position {p} outside sequence of length {len(seq)}")
-                    rows.append(r)
-                    cols.append(p)
-            r_t = torch.tensor(rows, device=device)
-            c_t = torch.tensor(cols, device=device)
-            hidden = model.hidden(ids, mask)
-            lp = token_logprobs(hidden[r_t, c_t - 1], weight, ids[r_t, c_t])
-            sums = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, r_t, lp)
-            counts = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, r_t, torch.ones_like(lp))
-            for r, mean in enumerate((sums / counts).tolist()):
-                out[batch[r]] = mean
+                at = starts[-1]
+                ids += sequences[k]
+                pos += range(len(sequences[k]))
+                starts.append(at + len(sequences[k]))
+                rows += [r] * len(positions[k])
+                cols += [at + p for p in positions[k]]
+            # 2) one forward; a segment bound from few values (a power of two), so compiled blocks rarely respecialise
+            longest = max(1024, 1 << (max(len(sequences[k]) for k in batch) - 1).bit_length())
+            ids_t = torch.tensor([ids], device=device)
+            seg = Segments(torch.tensor(starts, dtype=torch.int32, device=device), longest)
+            hidden = model.run(ids_t, torch.tensor([pos], device=device), seg)[0]
+            # 3) the scored tokens' log-probs, averaged per sequence
+            r_t, c_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+            lp = token_logprobs(hidden[c_t - 1], weight, ids_t[0, c_t])
+            sums = torch.zeros(len(batch), dtype=torch.float32, device=device).index_add_(0, r_t, lp)
+            counts = torch.tensor([len(positions[k]) for k in batch], dtype=torch.float32, device=device)
+            for k, mean in zip(batch, (sums / counts).tolist()):
+                out[k] = mean
             del hidden
-            i += n
+            i = j
     finally:
         model.train(was_training)
     return out
@@ -401,11 +416,19 @@ def _pick_replicas(texts: list[str], missing: list[int], selected: dict[int, str
     """The best valid thought of each missing replica's chunk of `texts` into `selected` (and the cache);
     returns the replicas that had none."""
     b = cfg.bootstrap
-    still = []
-    for k, r in enumerate(missing):
-        chunk = texts[k * b.num_samples:(k + 1) * b.num_samples]
-        stats["valid_candidates"] += sum(is_valid_thought(extract_thought(c), b.min_thought_words) for c in chunk)
-        z = choose_thought(chunk, scorer, b.min_thought_words)
+    chunks = [valid_thoughts(texts[k * b.num_samples:(k + 1) * b.num_samples], b.min_thought_words)
+              for k in range(len(missing))]
+    stats["valid_candidates"] += sum(len(c) for c in chunks)
+    # Every replica's thoughts scored in one call (packed forwards), then each replica picks its own best.
+    flat = [t for c in chunks for t in c]
+    rewards = list(scorer(flat)) if flat else []
+    if len(rewards) != len(flat):
+        raise ValueError(f"scorer returned {len(rewards)} rewards for {len(flat)} thoughts")
+    still, at = [], 0
+    for r, chunk in zip(missing, chunks):
+        mine = rewards[at:at + len(chunk)]
+        at += len(chunk)
+        z = best_thought(chunk, lambda ts: mine)
         if z is None:
             still.append(r)
             continue

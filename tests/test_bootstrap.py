@@ -213,6 +213,27 @@ def test_a_cases_edits_share_one_first_round_and_draw_what_each_alone_draws(tiny
     assert len({x for t in seen.values() for x in t[0]}) > 12  # distinct samples, not empty strings
 
 
+def test_an_edits_replicas_are_scored_in_one_call_and_each_picks_its_own_best(tiny, monkeypatch):
+    """One scoring call per edit and round, over every replica's valid thoughts; each replica still gets
+    the best of its own candidates, as choose_thought on its chunk alone gives."""
+    model, tok = tiny
+    cfg = load_hparams("tiny")  # 2 replicas x 4 candidates
+    other = ["<think>\nOld fact: Initech. Reason for change: Globex paid cash for every share. Updated fact: "
+             "Globex.\n</think>", "<think>bad</think>",
+             "<think>Globex took over Acme after a long court fight</think> The answer now is Globex.", ""]
+    texts = VALID + other  # replica 0 gets VALID, replica 1 the others
+    monkeypatch.setattr(B, "generate", fake_generate(tok, [texts], []))
+    calls = []
+    real = B.score_thoughts
+    monkeypatch.setattr(B, "score_thoughts", lambda m, t, q, a, ts, **k: calls.append(list(ts)) or real(m, t, q, a, ts, **k))
+    res = B.bootstrap_data(model, tok, [req()], cfg, cache_dir=None, model_id="m", seed=0)
+    assert len(calls) == 1 and len(calls[0]) == 5  # 3 valid thoughts of replica 0, 2 of replica 1
+    score = lambda ts: real(model, tok, req().question, "Globex", ts)  # noqa: E731
+    want = [B.choose_thought(texts[:4], score), B.choose_thought(texts[4:], score)]
+    assert [t["thought"] for t in sorted(res.thoughts, key=lambda t: t["replica"])] == want
+    assert want[0] in calls[0][:3] and want[1] in calls[0][3:] and res.stats["valid_candidates"] == 5
+
+
 def test_noncausal_no_filter_no_reward_and_padding(tiny, monkeypatch):
     model, tok = tiny
     cfg = load_hparams("tiny")
