@@ -123,7 +123,9 @@ def check_nucleus_kernel() -> bool:
 
 
 def check_merged_lora(model, prompts) -> bool:
-    """Sampling with the adapter merged (CODE_EDIT_MERGE_LORA=1) against unmerged, fp32 greedy; base restored."""
+    """Sampling with the adapter merged (CODE_EDIT_MERGE_LORA=1) against unmerged, fp32 greedy; base restored.
+    The unmerged adapter, its operands cast once per call (lora.cast_once), compiled and replayed from
+    graphs against eager decoding: greedy tokens identical, samples of one seed identical."""
     from model.lora import LoraConfig, add_lora, remove
     before = [p.clone() for p in model.parameters()]
     params = add_lora(model, LoraConfig(rank=8, alpha=16, dropout=0.0, seed=2))
@@ -135,12 +137,22 @@ def check_merged_lora(model, prompts) -> bool:
         for merge in ("1", "0"):
             os.environ["CODE_EDIT_MERGE_LORA"] = merge
             outs[merge] = [c.tokens for c in run(model, prompts, temperature=0)]
+        sampled = [c.tokens for c in run(model, prompts, temperature=1.0, top_p=0.9, num_samples=3, seed=5)]
+        env = [os.environ.get(k) for k in ("CODE_EDIT_COMPILE", "CODE_EDIT_CUDA_GRAPHS")]
+        os.environ["CODE_EDIT_COMPILE"] = os.environ["CODE_EDIT_CUDA_GRAPHS"] = "0"
+        eager = [c.tokens for c in run(model, prompts, temperature=0)]
+        eager_s = [c.tokens for c in run(model, prompts, temperature=1.0, top_p=0.9, num_samples=3, seed=5)]
+        for k, v in zip(("CODE_EDIT_COMPILE", "CODE_EDIT_CUDA_GRAPHS"), env):
+            os.environ[k] = v or "1"
     finally:
         os.environ.pop("CODE_EDIT_MERGE_LORA", None)
         remove(model)
     restored = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    good = outs["1"] == outs["0"] and restored
-    print(f"merged-LoRA greedy identical to unmerged={outs['1'] == outs['0']}, base restored={restored}")
+    same_s = sum(a == b for a, b in zip(sampled, eager_s))
+    good = outs["1"] == outs["0"] and restored and eager == outs["0"] and same_s == len(sampled)
+    print(f"merged-LoRA greedy identical to unmerged={outs['1'] == outs['0']}, base restored={restored}; "
+          f"unmerged (operands cast once) compiled+graphs vs eager: greedy identical={eager == outs['0']}, "
+          f"sampled identical {same_s}/{len(sampled)}")
     return good
 
 

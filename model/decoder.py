@@ -232,6 +232,21 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def adapter_groups(model: nn.Module) -> list[tuple[lora.LoraLinear, ...]]:
+    """The adapters as `project` runs them: q/k/v and gate/up as one group each where their base weights
+    are fused and the adapters alike (lora.groupable), every other adapter alone."""
+    out = []
+    for layer in model.model.layers:
+        for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.self_attn, ("o_proj",)),
+                             (layer.mlp, ("gate_proj", "up_proj")), (layer.mlp, ("down_proj",))):
+            mods = tuple(getattr(owner, n) for n in names)
+            if len(mods) == 1 or (getattr(owner, "fused", None) is not None and lora.groupable(mods)):
+                out.append(mods)
+            else:
+                out += [(m,) for m in mods]
+    return [g for g in out if all(isinstance(m, lora.LoraLinear) for m in g)]
+
+
 def project(x: Tensor, mods: tuple[nn.Module, ...], fused: tuple[Tensor, Tensor | None] | None) -> list[Tensor]:
     """Several projections of one input. With fused weights (see `Transformer.fuse_projections`) the base
     products are one matmul and the adapters' terms are added to it: as one grouped product

@@ -8,7 +8,6 @@ every `SYNC_EVERY` steps.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import weakref
@@ -18,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .decoder import KVCache, Transformer, padding_mask, positions_from_mask
+from .decoder import KVCache, Transformer, adapter_groups, padding_mask, positions_from_mask
 from .cuda_graph import GraphedStep
-from .lora import lora_modules, merged_for_inference
+from .lora import cast_once, lora_modules, merged_for_inference
 
 try:  # GPU builds of torch ship Triton; CPU builds need none of it
     import triton
@@ -56,7 +55,7 @@ RACE_CANDIDATES = 16  # race winners checked against the nucleus (see `sample`)
 # once, not once per row; the price is scores over every prompt's slots for every row, which stays
 # smaller than the saved reads while the prompts are few (see `attend`).
 SHARED_PREFIX_MAX_PROMPTS = 4
-MAX_ROWS = 2048  # sequences decoded at once at most (25 replicas x 48 candidates = 1,200 fit in one batch)
+MAX_ROWS = 8192  # sequences decoded at once at most (memory permitting: a case's 4 x 1,200 candidates in one batch)
 
 
 def process_logits(logits: Tensor, p: SamplingParams, seen: Tensor | None) -> Tensor:
@@ -205,9 +204,10 @@ def _picker(device: torch.device):
 
 
 def _state_key(model: Transformer) -> tuple:
-    # Graphs bake in tensor addresses and Python flags: any new parameter or LoRA switch needs a new graph.
-    flags = tuple((m.disabled, m.merged) for _, m in lora_modules(model))
-    return tuple(p.data_ptr() for p in model.parameters()) + flags
+    # Graphs bake in tensor addresses and Python flags: any new parameter or buffer (the adapters' cast
+    # operands) or LoRA switch needs a new graph.
+    flags = tuple((m.disabled, m.merged, m.cast_once) for _, m in lora_modules(model))
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())) + flags
 
 
 def _decode_forward(model: Transformer, tok: Tensor, pos: Tensor, mask: Tensor, cache: KVCache,
@@ -401,7 +401,9 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     was_training = model.training
     model.eval()
     try:
-        with merged_for_inference(model) if _merge_lora(device) else contextlib.nullcontext():
+        # An active adapter is merged (opt-in), or its operands are cast once for the whole call.
+        with (merged_for_inference(model) if _merge_lora(device) else
+              cast_once(adapter_groups(model), model.lm_head.weight.dtype)):
             return _run_rows(model, prompts, counts, max_new_tokens, params, stops, streams, max_batch)
     finally:
         model.train(was_training)

@@ -57,6 +57,7 @@ class LoraLinear(nn.Module):
         self.scale, self.dropout = scale, dropout
         self.disabled = False
         self.merged = False
+        self.cast_once = 0  # the size of the group whose operands grouped_delta reads from op_A / op_B (see cast_once)
         self.training = base.training
         object.__setattr__(self, "_base_linear", base)  # kept unregistered: put back by remove()
 
@@ -100,11 +101,12 @@ def grouped_delta(x: Tensor, mods: tuple[LoraLinear, ...]) -> Tensor:
     separate calls would), all B's in one (block-diagonal). The rank is zero-padded to RANK_ALIGN inside:
     a 12-wide operand (24 bytes) misses the 16-byte alignment of the fast GEMM kernels, and the zeros add
     nothing, to the sums or to the gradients. On a bf16 base the fp32 masters are cast here (not x)."""
-    r = mods[0].lora_A.shape[0]
-    pad = -r % RANK_ALIGN
-    A = torch.cat([F.pad(m.lora_A, (0, 0, 0, pad)) for m in mods]).to(x.dtype)  # [n * rp, in]
-    B = torch.block_diag(*[F.pad(m.lora_B, (0, pad)) for m in mods]).to(x.dtype)  # [sum out, n * rp]
     m0 = mods[0]
+    if m0.cast_once == len(mods):
+        return F.linear(F.linear(x, m0.op_A), m0.op_B)
+    A, B = group_operands(mods, x.dtype)
+    r = m0.lora_A.shape[0]
+    pad = -r % RANK_ALIGN
     drop = m0.training and m0.dropout > 0
     if drop and len(mods) > 1:
         xs = torch.stack([F.dropout(x, m0.dropout, True) for _ in mods]).flatten(1, -2)  # [n, N, in]
@@ -113,6 +115,46 @@ def grouped_delta(x: Tensor, mods: tuple[LoraLinear, ...]) -> Tensor:
     else:
         h = F.linear(F.dropout(x, m0.dropout, True) if drop else x, A)
     return F.linear(h, B)
+
+
+def group_operands(mods: tuple[LoraLinear, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A group's two product operands: the A's stacked [n * rp, in] and the B's block-diagonal [sum out,
+    n * rp], rank zero-padded to rp (a multiple of RANK_ALIGN), cast from the masters to `dtype`."""
+    pad = -mods[0].lora_A.shape[0] % RANK_ALIGN
+    A = torch.cat([F.pad(m.lora_A, (0, 0, 0, pad)) for m in mods]).to(dtype)
+    B = torch.block_diag(*[F.pad(m.lora_B, (0, pad)) for m in mods]).to(dtype)
+    return A, B
+
+
+@contextlib.contextmanager
+def cast_once(groups: list[tuple[LoraLinear, ...]], dtype: torch.dtype) -> Iterator[None]:
+    """Inside the block (sampling: no gradient, no dropout, weights fixed) each group's operands
+    (group_operands) are built once here instead of at every decode step, where their casts and copies
+    were about an eighth of a small model's step. They live in buffers of the group's first module
+    (op_A, op_B), refreshed in place on later entries, so CUDA graphs captured over them stay valid.
+    Groups whose adapters are off, merged or training with dropout are left as they are."""
+    heads = []
+    with torch.no_grad(), torch.inference_mode(False):  # plain tensors: refreshed in place under inference mode
+        for mods in groups:
+            m0 = mods[0]
+            if not groupable(mods) or (m0.training and m0.dropout > 0):
+                continue
+            A, B = group_operands(mods, dtype)
+            old_A, old_B = getattr(m0, "op_A", None), getattr(m0, "op_B", None)
+            if old_A is not None and old_A.shape == A.shape and old_A.dtype == dtype and old_B.shape == B.shape:
+                old_A.copy_(A)
+                old_B.copy_(B)
+            else:
+                m0.register_buffer("op_A", A, persistent=False)
+                m0.register_buffer("op_B", B, persistent=False)
+            heads.append((m0, len(mods)))
+    try:
+        for m0, n in heads:
+            m0.cast_once = n
+        yield
+    finally:
+        for m0, _ in heads:
+            m0.cast_once = 0
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoraLinear]]:

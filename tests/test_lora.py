@@ -502,3 +502,34 @@ def test_grouped_delta_matches_each_module_alone(train):
         torch.testing.assert_close(gb, m.lora_B.grad, rtol=1e-12, atol=1e-12)
     if train:  # the masks were really drawn: without dropout the product differs
         assert not torch.allclose(got, torch.cat([x @ m.lora_A.t() @ m.lora_B.t() for m in mods], -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cast_once_gives_the_same_outputs_and_follows_the_adapter(ckpt, dtype):
+    """Under cast_once (sampling) every adapter group reads operands built once, and the model's outputs
+    equal the ones that build them at every call, bit for bit; a later entry refreshes the same buffers
+    in place after the adapter moved; training with dropout is left alone; on exit the flags are off."""
+    from model.decoder import adapter_groups
+    ours, x = load_model(ckpt, device="cpu").to(dtype), tokens()
+    L.add_lora(ours, L.LoraConfig(targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")))
+    randomize(ours)
+    ours.eval()
+    groups = adapter_groups(ours)
+    assert {len(g) for g in groups} == {1, 3}  # q/k/v fused; gate has no adapter, so up runs alone
+    with torch.no_grad():
+        want = ours(x)
+        with L.cast_once(groups, dtype):
+            assert all(g[0].cast_once == len(g) for g in groups)
+            got = ours(x)
+        ptrs = [g[0].op_A.data_ptr() for g in groups]
+        randomize(ours, seed=9)
+        want2 = ours(x)
+        with L.cast_once(groups, dtype):
+            got2 = ours(x)
+    assert torch.equal(got, want) and torch.equal(got2, want2) and not torch.equal(want, want2)
+    assert [g[0].op_A.data_ptr() for g in groups] == ptrs  # refreshed in place: captured graphs stay valid
+    assert all(m.cast_once == 0 for _, m in L.lora_modules(ours))
+    ours.train()
+    with L.cast_once(groups, dtype):  # dropout on: nothing is cast once
+        assert all(m.cast_once == 0 for _, m in L.lora_modules(ours))
+    assert "op_A" not in "".join(ours.state_dict())
