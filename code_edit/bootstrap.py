@@ -270,12 +270,13 @@ class _Sampler:
         return self.many([(messages, n, sample_seed, where)])[0]
 
     def many(self, jobs: list[tuple[list[dict], int, int, str]]) -> list[list[str]]:
-        """Candidates for several prompts ((messages, n, seed, where) each) in one generate call per token
-        budget: each prompt's n samples are the ones a call of its own with its seed gives (generate's
-        per-prompt seeds), so batching the edits of a case changes speed, not candidates."""
+        """Candidates for several prompts ((messages, n, seed, where) each) in one generate call, each prompt
+        with its own token budget: each prompt's n samples are the ones a call of its own with its seed
+        gives (generate's per-prompt seeds and limits), so batching the edits of a case changes speed, not
+        candidates."""
         b = self.cfg.bootstrap
         out: list[list[str]] = [[] for _ in jobs]
-        groups: dict[int, list[tuple[int, list[int]]]] = {}  # budget -> (job, prompt ids)
+        live: list[tuple[int, list[int], int]] = []  # (job, prompt ids, token budget)
         for k, (messages, n, _, where) in enumerate(jobs):
             prompt = chat_ids(self.tok, messages)
             budget = min(b.max_new_tokens, self.cfg.model.max_seq_len - len(prompt))
@@ -283,19 +284,20 @@ class _Sampler:
                 log.warning("%s: the open-book prompt has %d tokens, not below model.max_seq_len %d; no "
                             "candidates", where, len(prompt), self.cfg.model.max_seq_len)
             elif n > 0:
-                groups.setdefault(budget, []).append((k, prompt))
-        for budget, group in groups.items():
-            with disabled(self.model):
-                comps = generate(self.model, [p for _, p in group], max_new_tokens=budget,
-                                 temperature=b.temperature, top_p=b.top_p, num_samples=[jobs[k][1] for k, _ in group],
-                                 stop_ids=list(self.tok.eos_ids), seed=[jobs[k][2] for k, _ in group])
-            n_tok = sum(len(c.tokens) for c in comps)
-            self.stats["candidates"] += len(comps)
-            self.stats["sampled_tokens"] += n_tok
-            if self.on_tokens:
-                self.on_tokens(n_tok)
-            for c in comps:
-                out[group[c.prompt_index][0]].append(self.tok.decode(c.tokens, skip_special_tokens=True))
+                live.append((k, prompt, budget))
+        if not live:
+            return out
+        with disabled(self.model):
+            comps = generate(self.model, [p for _, p, _ in live], max_new_tokens=[m for _, _, m in live],
+                             temperature=b.temperature, top_p=b.top_p, num_samples=[jobs[k][1] for k, _, _ in live],
+                             stop_ids=list(self.tok.eos_ids), seed=[jobs[k][2] for k, _, _ in live])
+        n_tok = sum(len(c.tokens) for c in comps)
+        self.stats["candidates"] += len(comps)
+        self.stats["sampled_tokens"] += n_tok
+        if self.on_tokens:
+            self.on_tokens(n_tok)
+        for c in comps:
+            out[live[c.prompt_index][0]].append(self.tok.decode(c.tokens, skip_special_tokens=True))
         return out
 
 

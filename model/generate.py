@@ -369,14 +369,15 @@ def _get_prefix(model: Transformer, L: int, dtype, device) -> tuple[list[Tensor]
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int | Sequence[int],
+             temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              num_samples: int | Sequence[int] = 1, stop_ids: list[int] | None = None,
              seed: int | Sequence[int] | None = None, max_batch: int | None = None) -> list[Completion]:
     """Sample `num_samples` completions for each prompt (token-id lists); temperature 0 is greedy.
-    `num_samples` and `seed` may also give one value per prompt: with a seed per prompt, each prompt's
-    samples are exactly those of a call of its own (rows draw independently of each other, see
-    `race_noise`), so several prompts' sampling can share one batch.
+    `max_new_tokens`, `num_samples` and `seed` may also give one value per prompt: with a seed per prompt,
+    each prompt's samples are exactly those of a call of its own (rows draw independently of each other,
+    see `race_noise`), so several prompts' sampling can share one batch.
 
     Returns completions ordered by (prompt_index, sample_index)."""
     n = len(prompts)
@@ -385,6 +386,9 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     counts = [num_samples] * n if isinstance(num_samples, int) else list(num_samples)
     if len(counts) != n or any(c < 0 for c in counts):
         raise ValueError(f"generate: num_samples needs one count >= 0 per prompt ({n}), got {num_samples!r}")
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [max(0, int(m)) for m in max_new_tokens]
+    if len(limits) != n:
+        raise ValueError(f"generate: max_new_tokens needs one limit per prompt ({n}), got {len(limits)}")
     if isinstance(seed, (list, tuple)):
         if len(seed) != n:
             raise ValueError(f"generate: seed needs one value per prompt ({n}), got {len(seed)}")
@@ -395,7 +399,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
     stops = list(model.config.eos_token_ids if stop_ids is None else stop_ids)
     device = model.lm_head.weight.device
-    if max_new_tokens <= 0:
+    if max(limits, default=0) <= 0:
         return [Completion(i, s_, [], [], "length") for i in range(n) for s_ in range(counts[i])]
 
     was_training = model.training
@@ -404,16 +408,17 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         # An active adapter is merged (opt-in), or its operands are cast once for the whole call.
         with (merged_for_inference(model) if _merge_lora(device) else
               cast_once(adapter_groups(model), model.lm_head.weight.dtype)):
-            return _run_rows(model, prompts, counts, max_new_tokens, params, stops, streams, max_batch)
+            return _run_rows(model, prompts, counts, limits, params, stops, streams, max_batch)
     finally:
         model.train(was_training)
 
 
-def _run_rows(model: Transformer, prompts: list[list[int]], counts: list[int], max_new_tokens: int,
+def _run_rows(model: Transformer, prompts: list[list[int]], counts: list[int], limits: list[int],
               params: SamplingParams, stops: list[int], streams: list[tuple[int, int]],
               max_batch: int | None) -> list[Completion]:
     """Every (prompt, sample) row, in batches that fit the GPU, longest prompts first (batches of similar
-    length waste less padding)."""
+    length waste less padding); each row stops at its prompt's limit."""
+    max_new_tokens = max(limits)
     shared = min(counts, default=0) >= 2 and len(prompts) <= SHARED_PREFIX_MAX_PROMPTS
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     rows = [(i, s) for i in order for s in range(counts[i])]
@@ -426,8 +431,7 @@ def _run_rows(model: Transformer, prompts: list[list[int]], counts: list[int], m
         else:
             n = _plan_rows(model, P + max_new_tokens, len(rows) - start, max_batch)
         try:
-            for c in _run_batch(model, prompts, rows[start:start + n], max_new_tokens, params, stops, streams,
-                                shared):
+            for c in _run_batch(model, prompts, rows[start:start + n], limits, params, stops, streams, shared):
                 results[(c.prompt_index, c.sample_index)] = c
             start += n
         except torch.OutOfMemoryError:
@@ -519,13 +523,16 @@ class _DecodeState:
     pos: Tensor
     tok: Tensor | None  # the token fed to the next decode step (step 0 reads the prefill's logits)
     B: int  # live batch size
+    limit: Tensor | None = None  # each slot's own token limit, where the batch's rows differ
 
 
-def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, max_new: int,
+def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, limits: list[int],
            params: SamplingParams, vocab: int, device: torch.device, shared: bool,
            streams: list[tuple[int, int]]) -> _DecodeState:
     """The state before the first new token: a row sees its own prompt's real tokens."""
     B0 = len(rows)
+    row_limits = [limits[i] for i, _ in rows]
+    max_new = max(row_limits)
     valid = torch.zeros(B0, lay.L + lay.S, dtype=torch.bool, device=device)
     if shared:
         j = torch.arange(lay.L, device=device)[None]
@@ -541,8 +548,9 @@ def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, 
     return _DecodeState(valid, seen, torch.zeros(B0 + 1, max_new, dtype=torch.long, device=device),
                         torch.zeros(B0 + 1, max_new, dtype=torch.float32, device=device),
                         torch.zeros(B0 + 1, dtype=torch.long, device=device), torch.arange(B0, device=device),
-                        row_keys(streams, rows, device), torch.zeros(B0, dtype=torch.bool, device=device),
-                        lay.lens.clone(), None, B0)
+                        row_keys(streams, rows, device), torch.tensor([m <= 0 for m in row_limits], device=device),
+                        lay.lens.clone(), None, B0,
+                        None if min(row_limits) == max_new else torch.tensor(row_limits, device=device))
 
 
 def _compact(st: _DecodeState, cache: KVCache, S: int, B0: int, n_active: int) -> None:
@@ -561,11 +569,13 @@ def _compact(st: _DecodeState, cache: KVCache, S: int, B0: int, n_active: int) -
     st.done = filler | st.done[keep]
     st.tok, st.pos, st.valid = st.tok[keep], st.pos[keep], st.valid[keep]
     st.seen = st.seen[keep] if st.seen is not None else None
+    st.limit = st.limit[keep] if st.limit is not None else None
     st.B = nb
 
 
-def _run_batch(model, prompts, rows, max_new, params, stops, streams, shared=False) -> list[Completion]:
-    """Sample `rows` ((prompt index, sample index) pairs) to at most `max_new` tokens each."""
+def _run_batch(model, prompts, rows, limits, params, stops, streams, shared=False) -> list[Completion]:
+    """Sample `rows` ((prompt index, sample index) pairs) to at most their prompt's limit of tokens each."""
+    max_new = max(limits[i] for i, _ in rows)
     # 1) the cache layout and the prefill
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
@@ -576,7 +586,7 @@ def _run_batch(model, prompts, rows, max_new, params, stops, streams, shared=Fal
         cache = KVCache(cache.k, cache.v, *_get_prefix(model, L, dtype, device))
     logits = _prefill(model, [prompts[i] for i in lay.uniq], cache, lay.row_prompt, lay.P)
     # 2) decode, with no host sync except every SYNC_EVERY steps (the finished rows are compacted away)
-    st = _start(prompts, rows, lay, max_new, params, model.config.vocab_size, device, shared, streams)
+    st = _start(prompts, rows, lay, limits, params, model.config.vocab_size, device, shared, streams)
     stop_t = torch.tensor(stops or [-1], device=device)
     write = torch.tensor([first], device=device)
     step = torch.zeros((), dtype=torch.int64, device=device)
@@ -599,6 +609,8 @@ def _run_batch(model, prompts, rows, max_new, params, stops, streams, shared=Fal
         st.out_lp[st.row_id, t] = torch.where(active, chosen, 0.0)
         st.n_gen[st.row_id] += active.long()
         st.done |= torch.isin(nxt, stop_t)
+        if st.limit is not None:
+            st.done |= st.limit <= t + 1
         if st.seen is not None:
             st.seen[torch.arange(st.B, device=device), nxt] = True
         st.tok = nxt
