@@ -128,12 +128,14 @@ def execute_ranked(args: Any, editor_factory: Any = None) -> Any:
                 start, info = open_run(args, ranks, stack)
             except Exception as e:
                 ranks.broadcast(f"{type(e).__name__}: {e}")  # the others stop too, with the reason
+                ranks.gather(None)  # once they have it: rank 0's exit makes torchrun stop a rank still starting
                 raise
             ranks.broadcast(start)
             problem = None
         else:
             start, info = ranks.broadcast(), {}
             if isinstance(start, str):
+                ranks.gather(None)
                 raise RunError(f"rank 0 could not start the run: {start}")
             problem = None if (start.run_dir / "requests.json").exists() else (
                 f"cannot see {start.run_dir / 'requests.json'}, written by rank 0: --output_root must be on a "
