@@ -133,19 +133,22 @@ def check_merged_lora(model, prompts) -> bool:
         for p in params:
             p.normal_(0, 0.05)
     outs = {}
+    env = {k: os.environ.get(k) for k in ("CODE_EDIT_COMPILE", "CODE_EDIT_CUDA_GRAPHS")}
     try:
         for merge in ("1", "0"):
             os.environ["CODE_EDIT_MERGE_LORA"] = merge
             outs[merge] = [c.tokens for c in run(model, prompts, temperature=0)]
         sampled = [c.tokens for c in run(model, prompts, temperature=1.0, top_p=0.9, num_samples=3, seed=5)]
-        env = [os.environ.get(k) for k in ("CODE_EDIT_COMPILE", "CODE_EDIT_CUDA_GRAPHS")]
         os.environ["CODE_EDIT_COMPILE"] = os.environ["CODE_EDIT_CUDA_GRAPHS"] = "0"
         eager = [c.tokens for c in run(model, prompts, temperature=0)]
         eager_s = [c.tokens for c in run(model, prompts, temperature=1.0, top_p=0.9, num_samples=3, seed=5)]
-        for k, v in zip(("CODE_EDIT_COMPILE", "CODE_EDIT_CUDA_GRAPHS"), env):
-            os.environ[k] = v or "1"
     finally:
         os.environ.pop("CODE_EDIT_MERGE_LORA", None)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         remove(model)
     restored = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     same_s = sum(a == b for a, b in zip(sampled, eager_s))

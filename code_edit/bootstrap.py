@@ -114,17 +114,21 @@ def choose_thought(candidates: Sequence[str], score: Callable[[list[str]], Seque
 
     score(thoughts) -> one reward per thought (higher is better); ties go to the earliest thought.
     """
-    return best_thought(valid_thoughts(candidates, min_words), score)
+    thoughts = valid_thoughts(candidates, min_words)
+    return best_thought(thoughts, _rewards(score, thoughts))
 
 
-def best_thought(thoughts: list[str], score: Callable[[list[str]], Sequence[float]]) -> str | None:
+def best_thought(thoughts: list[str], rewards: Sequence[float]) -> str | None:
     """The highest-reward thought (the earliest on ties), or None for none."""
-    if not thoughts:
-        return None
-    rewards = list(score(thoughts))
+    return thoughts[max(range(len(thoughts)), key=lambda i: rewards[i])] if thoughts else None
+
+
+def _rewards(score: Callable[[list[str]], Sequence[float]], thoughts: list[str]) -> list[float]:
+    """score(thoughts), checked to give one reward per thought (none scored for none)."""
+    rewards = list(score(thoughts)) if thoughts else []
     if len(rewards) != len(thoughts):
         raise ValueError(f"scorer returned {len(rewards)} rewards for {len(thoughts)} thoughts")
-    return thoughts[max(range(len(thoughts)), key=lambda i: rewards[i])]
+    return rewards
 
 
 def noncausal_thoughts(extracted: Sequence[str | None], n: int, new_answer: str) -> list[str]:
@@ -149,7 +153,9 @@ def sft_example(question: str, thought: str, new_answer: str, *, mode: str = "ca
 # ------------------------------------------------------------------------------------------------
 # Model-dependent part: candidates from the base model, reward scoring, SFT
 
-SCORE_TOKENS = {"cuda": 32768, "cpu": 2048}  # tokens per scoring forward (packed: no padding)
+# Tokens per scoring forward (packed: no padding). On the CPU the packed row's attention is dense under a
+# [T, T] block-diagonal mask, so its rows stay shorter.
+SCORE_TOKENS = {"cuda": 32768, "cpu": 2048}
 
 
 @torch.no_grad()
@@ -160,7 +166,8 @@ def span_mean_logprobs(model: Any, sequences: Sequence[list[int]], positions: Se
     Sequences are packed end to end into rows of about `max_tokens` tokens, each attending to itself only
     (model.decoder.Segments: no padding, no mask tensor); only the hidden states in front of the scored
     tokens go through the lm_head (train.losses.token_logprobs), so no [tokens, vocab] tensor is built.
-    Runs the model as it is (callers disable LoRA for the base model)."""
+    Runs the model as it is (callers disable LoRA for the base model). Every sequence needs at least one
+    position, each in [1, len)."""
     from model.decoder import Segments
     from train.losses import token_logprobs
 
@@ -422,15 +429,11 @@ def _pick_replicas(texts: list[str], missing: list[int], selected: dict[int, str
               for k in range(len(missing))]
     stats["valid_candidates"] += sum(len(c) for c in chunks)
     # Every replica's thoughts scored in one call (packed forwards), then each replica picks its own best.
-    flat = [t for c in chunks for t in c]
-    rewards = list(scorer(flat)) if flat else []
-    if len(rewards) != len(flat):
-        raise ValueError(f"scorer returned {len(rewards)} rewards for {len(flat)} thoughts")
+    rewards = _rewards(scorer, [t for c in chunks for t in c])
     still, at = [], 0
     for r, chunk in zip(missing, chunks):
-        mine = rewards[at:at + len(chunk)]
+        z = best_thought(chunk, rewards[at:at + len(chunk)])
         at += len(chunk)
-        z = best_thought(chunk, lambda ts: mine)
         if z is None:
             still.append(r)
             continue

@@ -232,18 +232,25 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))  # one input each
+SINGLE_PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+
+
+def grouped(mods: tuple[nn.Module, ...], fused: tuple[Tensor, Tensor | None] | None) -> bool:
+    """Whether `project` runs these projections' adapters as one grouped product."""
+    return fused is not None and lora.groupable(mods)
+
+
 def adapter_groups(model: nn.Module) -> list[tuple[lora.LoraLinear, ...]]:
-    """The adapters as `project` runs them: q/k/v and gate/up as one group each where their base weights
-    are fused and the adapters alike (lora.groupable), every other adapter alone."""
+    """The adapters as `project` runs them: q/k/v and gate/up as one group each where `grouped`, every
+    other adapter alone."""
     out = []
     for layer in model.model.layers:
-        for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.self_attn, ("o_proj",)),
-                             (layer.mlp, ("gate_proj", "up_proj")), (layer.mlp, ("down_proj",))):
+        for owner, names in FUSED_GROUPS:
+            owner = getattr(layer, owner)
             mods = tuple(getattr(owner, n) for n in names)
-            if len(mods) == 1 or (getattr(owner, "fused", None) is not None and lora.groupable(mods)):
-                out.append(mods)
-            else:
-                out += [(m,) for m in mods]
+            out += [mods] if grouped(mods, getattr(owner, "fused", None)) else [(m,) for m in mods]
+        out += [(getattr(getattr(layer, owner), name),) for owner, name in SINGLE_PROJECTIONS]
     return [g for g in out if all(isinstance(m, lora.LoraLinear) for m in g)]
 
 
@@ -255,7 +262,7 @@ def project(x: Tensor, mods: tuple[nn.Module, ...], fused: tuple[Tensor, Tensor 
     if fused is None or any(getattr(m, "merged", False) and m.disabled for m in mods):
         return [m(x) for m in mods]
     out, sizes = F.linear(x, *fused), [m.weight.shape[0] for m in mods]
-    if lora.groupable(mods):  # every adapter in two matmuls, added before the split
+    if grouped(mods, fused):  # every adapter in two matmuls, added before the split
         return list((out + mods[0].scale * lora.grouped_delta(x, mods)).split(sizes, dim=-1))
     deltas = [m.delta(x) if isinstance(m, lora.LoraLinear) else None for m in mods]
     return [o if d is None else o + m.scale * d for o, m, d in zip(out.split(sizes, dim=-1), mods, deltas)]
@@ -338,7 +345,8 @@ class Transformer(nn.Module):
         it: one matmul instead of three (two) with no extra memory. Names, LoRA and PEFT keys unchanged.
         Redone automatically after `.to()`/`.cuda()`, which would otherwise split the storage again."""
         for layer in self.model.layers:
-            for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))):
+            for owner, names in FUSED_GROUPS:
+                owner = getattr(layer, owner)
                 mods = [getattr(owner, n) for n in names]
                 if mods[0].weight.is_meta:
                     return

@@ -9,6 +9,7 @@ every `SYNC_EVERY` steps.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import weakref
 from collections.abc import Sequence
@@ -223,7 +224,7 @@ class SamplerState:
 
     Lifetime: made by the model's first CUDA `generate` call and held in `_STATES`, weakly keyed by the
     model, so it never outlives it. Later calls reuse it while their batch and length fit; a graph is
-    keyed by the model's parameter addresses and LoRA flags, so a changed model gets a new one. Callers
+    keyed by the model's parameter and buffer addresses and LoRA flags, so a changed model gets a new one. Callers
     free it with `release(model)` before memory-hungry training and after removing an adapter. On CPU
     nothing is kept."""
 
@@ -386,7 +387,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     counts = [num_samples] * n if isinstance(num_samples, int) else list(num_samples)
     if len(counts) != n or any(c < 0 for c in counts):
         raise ValueError(f"generate: num_samples needs one count >= 0 per prompt ({n}), got {num_samples!r}")
-    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [max(0, int(m)) for m in max_new_tokens]
+    limits = ([operator.index(max_new_tokens)] * n if not isinstance(max_new_tokens, Sequence) else
+              [max(0, operator.index(m)) for m in max_new_tokens])
     if len(limits) != n:
         raise ValueError(f"generate: max_new_tokens needs one limit per prompt ({n}), got {len(limits)}")
     if isinstance(seed, (list, tuple)):
@@ -421,8 +423,8 @@ def _run_rows(model: Transformer, prompts: list[list[int]], counts: list[int], l
     max_new_tokens = max(limits)
     shared = min(counts, default=0) >= 2 and len(prompts) <= SHARED_PREFIX_MAX_PROMPTS
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows = [(i, s) for i in order for s in range(counts[i])]
-    results: dict[tuple[int, int], Completion] = {}
+    rows = [(i, s) for i in order if limits[i] > 0 for s in range(counts[i])]
+    results = {(i, s): Completion(i, s, [], [], "length") for i in order if limits[i] <= 0 for s in range(counts[i])}
     start = 0
     while start < len(rows):
         P = len(prompts[rows[start][0]])
@@ -548,7 +550,7 @@ def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, 
     return _DecodeState(valid, seen, torch.zeros(B0 + 1, max_new, dtype=torch.long, device=device),
                         torch.zeros(B0 + 1, max_new, dtype=torch.float32, device=device),
                         torch.zeros(B0 + 1, dtype=torch.long, device=device), torch.arange(B0, device=device),
-                        row_keys(streams, rows, device), torch.tensor([m <= 0 for m in row_limits], device=device),
+                        row_keys(streams, rows, device), torch.zeros(B0, dtype=torch.bool, device=device),
                         lay.lens.clone(), None, B0,
                         None if min(row_limits) == max_new else torch.tensor(row_limits, device=device))
 

@@ -100,9 +100,10 @@ def grouped_delta(x: Tensor, mods: tuple[LoraLinear, ...]) -> Tensor:
     group: all A's in one (a batched one when each module drops its own mask, drawn in module order as
     separate calls would), all B's in one (block-diagonal). The rank is zero-padded to RANK_ALIGN inside:
     a 12-wide operand (24 bytes) misses the 16-byte alignment of the fast GEMM kernels, and the zeros add
-    nothing, to the sums or to the gradients. On a bf16 base the fp32 masters are cast here (not x)."""
+    nothing, to the sums or to the gradients. On a bf16 base the fp32 masters are cast here (not x), unless
+    sampling built the group's operands once (`cast_once`)."""
     m0 = mods[0]
-    if m0.cast_once == len(mods):
+    if m0.cast_once == len(mods) and not torch.is_grad_enabled():
         return F.linear(F.linear(x, m0.op_A), m0.op_B)
     A, B = group_operands(mods, x.dtype)
     r = m0.lora_A.shape[0]
@@ -132,9 +133,13 @@ def cast_once(groups: list[tuple[LoraLinear, ...]], dtype: torch.dtype) -> Itera
     (group_operands) are built once here instead of at every decode step, where their casts and copies
     were about an eighth of a small model's step. They live in buffers of the group's first module
     (op_A, op_B), refreshed in place on later entries, so CUDA graphs captured over them stay valid.
-    Groups whose adapters are off, merged or training with dropout are left as they are."""
+    Groups whose adapters are off, merged or training with dropout are left as they are, and forwards
+    with gradients on never read the operands. The adapter must not change inside the block (no optimizer
+    step, `restore` or `swapped`): the operands would not follow it until the next entry."""
     heads = []
-    with torch.no_grad(), torch.inference_mode(False):  # plain tensors: refreshed in place under inference mode
+    # Plain leaf tensors (no autograd history), so that they can be refreshed in place under inference mode;
+    # inference_mode(False) would switch gradients back on, hence no_grad inside it.
+    with torch.inference_mode(False), torch.no_grad():
         for mods in groups:
             m0 = mods[0]
             if not groupable(mods) or (m0.training and m0.dropout > 0):

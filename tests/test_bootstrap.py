@@ -225,7 +225,8 @@ def test_an_edits_replicas_are_scored_in_one_call_and_each_picks_its_own_best(ti
     monkeypatch.setattr(B, "generate", fake_generate(tok, [texts], []))
     calls = []
     real = B.score_thoughts
-    monkeypatch.setattr(B, "score_thoughts", lambda m, t, q, a, ts, **k: calls.append(list(ts)) or real(m, t, q, a, ts, **k))
+    monkeypatch.setattr(B, "score_thoughts",
+                        lambda m, t, q, a, ts, **k: calls.append(list(ts)) or real(m, t, q, a, ts, **k))
     res = B.bootstrap_data(model, tok, [req()], cfg, cache_dir=None, model_id="m", seed=0)
     assert len(calls) == 1 and len(calls[0]) == 5  # 3 valid thoughts of replica 0, 2 of replica 1
     score = lambda ts: real(model, tok, req().question, "Globex", ts)  # noqa: E731

@@ -372,21 +372,24 @@ def test_a_seed_per_prompt_samples_each_prompt_as_its_own_call(pair):
 
 
 @pytest.mark.parametrize("samples", [1, 3])  # per-row caches; a shared prefix
-def test_a_limit_per_prompt_samples_each_prompt_as_its_own_call(pair, samples):
+def test_a_limit_per_prompt_samples_each_prompt_as_its_own_call(pair, samples, monkeypatch):
     """Prompts with their own token limits (and seeds) in one call: each prompt's completions equal those
     of a call of its own with its limit, a row stopping at its limit ("length") or earlier at a stop
-    token; a limit of 0 gives empty completions."""
+    token, finished rows compacted away between; a limit of 0 gives empty completions."""
+    monkeypatch.setattr(G, "SYNC_EVERY", 2)  # compaction (of the rows' limits too) every other step
     _, m = pair
     prompts = ragged(3, seed=7)
-    limits, seeds = [3, 9, 0], [60, 61, 62]
+    limits, seeds = [3, 19, 0], [60, 61, 62]
     kw = dict(temperature=1.0, top_p=0.9, num_samples=samples)
-    stop = generate(m, prompts[:1], max_new_tokens=9, stop_ids=[], seed=60, **kw)[0].tokens[5]  # hit by some rows
+    first = generate(m, prompts[1:2], max_new_tokens=19, stop_ids=[], seed=61, **kw)[0].tokens
+    stop = first[6]  # the first row of prompt 1 stops there
     together = generate(m, prompts, max_new_tokens=limits, seed=seeds, stop_ids=[stop], **kw)
     alone = [c for p, n, sd in zip(prompts, limits, seeds)
              for c in generate(m, [p], max_new_tokens=n, seed=sd, stop_ids=[stop], **kw)]
     assert [(c.tokens, c.finish_reason) for c in together] == [(c.tokens, c.finish_reason) for c in alone]
     assert all(len(c.tokens) <= limits[c.prompt_index] for c in together)
-    assert any(c.finish_reason == "length" and len(c.tokens) == 9 for c in together if c.prompt_index == 1)
+    assert together[samples].tokens == first[:first.index(stop) + 1] and together[samples].finish_reason == "stop"
+    assert any(c.finish_reason == "length" and len(c.tokens) == limits[c.prompt_index] for c in together)
     assert [c.tokens for c in together if c.prompt_index == 2] == [[]] * samples
     with pytest.raises(ValueError, match="max_new_tokens needs one limit per prompt"):
         generate(m, prompts, max_new_tokens=[1, 2], **kw)

@@ -518,9 +518,18 @@ def test_cast_once_gives_the_same_outputs_and_follows_the_adapter(ckpt, dtype):
     assert {len(g) for g in groups} == {1, 3}  # q/k/v fused; gate has no adapter, so up runs alone
     with torch.no_grad():
         want = ours(x)
+        with L.disabled(ours):
+            base = ours(x)
         with L.cast_once(groups, dtype):
             assert all(g[0].cast_once == len(g) for g in groups)
+            assert all(not g[0].op_A.requires_grad and g[0].op_A.is_leaf for g in groups)  # no autograd history
             got = ours(x)
+            saved = [g[0].op_A.clone() for g in groups]
+            for g in groups:  # the forward reads the built operands: zeroed, the adapters add nothing
+                g[0].op_A.zero_()
+            assert torch.equal(ours(x), base)
+            for g, a in zip(groups, saved):
+                g[0].op_A.copy_(a)
         ptrs = [g[0].op_A.data_ptr() for g in groups]
         randomize(ours, seed=9)
         want2 = ours(x)
