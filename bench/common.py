@@ -126,6 +126,7 @@ class Breakdown:
         self.cuda, self.on, self.stage = cuda, False, "?"
         self.parts: dict[str, float] = defaultdict(float)
         self.events: list[tuple[str, object, object]] = []
+        self.calls: list[tuple[str, float, object]] = []  # see `timed`'s note
         self._undo: list = []
 
     def _patch(self, owner, name: str, make) -> None:
@@ -144,7 +145,15 @@ class Breakdown:
             return wrapper
         self._patch(Stages, "__call__", make)
 
-    def timed(self, owner, name: str, part: str, sync: bool = True, count=None) -> None:
+    def _add(self, part: str, seconds: float) -> str:
+        key = f"{self.stage}: {part}"
+        self.parts[key + " s"] += seconds
+        self.parts[key + " calls"] += 1
+        return key
+
+    def timed(self, owner, name: str, part: str, sync: bool = True, count=None, note=None) -> None:
+        """`count(out)`: more numbers to sum from each call's output; `note(*args)`: what to list beside each
+        call's seconds in `self.calls` (stage, seconds, note), e.g. to find the slowest."""
         def make(real):
             def wrapper(*a, **k):
                 if not self.on:
@@ -155,11 +164,12 @@ class Breakdown:
                 out = real(*a, **k)
                 if sync and self.cuda:
                     torch.cuda.synchronize()
-                key = f"{self.stage}: {part}"
-                self.parts[key + " s"] += time.perf_counter() - t
-                self.parts[key + " calls"] += 1
+                seconds = time.perf_counter() - t
+                key = self._add(part, seconds)
                 for c, v in (count(out) if count else {}).items():
                     self.parts[f"{key} {c}"] += v
+                if note:
+                    self.calls.append((self.stage, round(seconds, 3), note(*a, **k)))
                 return out
             return wrapper
         self._patch(owner, name, make)
@@ -182,9 +192,7 @@ class Breakdown:
                 if self.on:
                     if self.cuda:
                         torch.cuda.synchronize()
-                    key = f"{self.stage}: {part}"
-                    self.parts[key + " s"] += time.perf_counter() - t0[0]
-                    self.parts[key + " calls"] += 1
+                    self._add(part, time.perf_counter() - t0[0])
                 return out
             return wrapper
         self._patch(owner, start, make_start)

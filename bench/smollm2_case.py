@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -41,18 +40,9 @@ def instrument(cuda: bool) -> Breakdown:
     bd.timed(B, "generate", "generate",
              count=lambda out: {"rows": len(out), "longest": max((len(c.tokens) for c in out), default=0)})
     bd.timed(B, "span_mean_logprobs", "reward scoring")
-    bd.timed(CG.GraphedStep, "__init__", "graph capture")  # warm-up runs, then the recording
+    bd.timed(CG.GraphedStep, "__init__", "graph capture",  # warm-up runs, then the recording
+             note=lambda g, fn, example, **k: [tuple(x.shape) for x in example[:3]])
     bd.span(torch.cuda.graph, "__enter__", "__exit__", "graph capture: recording")
-    captures = bd.captures = []  # (stage, seconds, input shapes) of each capture, for the slowest ones
-
-    def log_capture(real):
-        def wrapper(g, fn, example, **k):
-            t = time.perf_counter()
-            real(g, fn, example, **k)
-            if bd.on:
-                captures.append((bd.stage, round(time.perf_counter() - t, 3), [tuple(x.shape) for x in example[:3]]))
-        return wrapper
-    bd._patch(CG.GraphedStep, "__init__", log_capture)
     bd.gpu_timed(CG.GraphedStep, "__call__", "graph replay")
     bd.timed(torch.optim.AdamW, "step", "optimizer step (host)", sync=False)
     bd.timed(S, "pack_stream", "pack_stream (host)", sync=False)
@@ -109,7 +99,7 @@ def main():
             print(f"{name} case {case['case_id']}: {sum(s['seconds'] for s in rec['stages'].values()):.1f} s "
                   f"{ {k: v['seconds'] for k, v in rec['stages'].items()} }", flush=True)
         parts = bd.read()
-        slow = sorted(bd.captures, key=lambda c: -c[1])[:12]
+        slow = sorted(bd.calls, key=lambda c: -c[1])[:12]
         bd.undo()
     rows = stage_floors(records["timed"], n_params, flops)
     total = sum(r["seconds"] or 0 for r in rows.values())

@@ -528,12 +528,11 @@ class _DecodeState:
     limit: Tensor | None = None  # each slot's own token limit, where the batch's rows differ
 
 
-def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, limits: list[int],
+def _start(prompts: list[list[int]], rows: list[tuple[int, int]], lay: _Layout, row_limits: list[int],
            params: SamplingParams, vocab: int, device: torch.device, shared: bool,
            streams: list[tuple[int, int]]) -> _DecodeState:
     """The state before the first new token: a row sees its own prompt's real tokens."""
     B0 = len(rows)
-    row_limits = [limits[i] for i, _ in rows]
     max_new = max(row_limits)
     valid = torch.zeros(B0, lay.L + lay.S, dtype=torch.bool, device=device)
     if shared:
@@ -577,7 +576,8 @@ def _compact(st: _DecodeState, cache: KVCache, S: int, B0: int, n_active: int) -
 
 def _run_batch(model, prompts, rows, limits, params, stops, streams, shared=False) -> list[Completion]:
     """Sample `rows` ((prompt index, sample index) pairs) to at most their prompt's limit of tokens each."""
-    max_new = max(limits[i] for i, _ in rows)
+    row_limits = [limits[i] for i, _ in rows]
+    max_new = max(row_limits)
     # 1) the cache layout and the prefill
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
@@ -588,7 +588,7 @@ def _run_batch(model, prompts, rows, limits, params, stops, streams, shared=Fals
         cache = KVCache(cache.k, cache.v, *_get_prefix(model, L, dtype, device))
     logits = _prefill(model, [prompts[i] for i in lay.uniq], cache, lay.row_prompt, lay.P)
     # 2) decode, with no host sync except every SYNC_EVERY steps (the finished rows are compacted away)
-    st = _start(prompts, rows, lay, limits, params, model.config.vocab_size, device, shared, streams)
+    st = _start(prompts, rows, lay, row_limits, params, model.config.vocab_size, device, shared, streams)
     stop_t = torch.tensor(stops or [-1], device=device)
     write = torch.tensor([first], device=device)
     step = torch.zeros((), dtype=torch.int64, device=device)

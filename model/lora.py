@@ -106,12 +106,10 @@ def grouped_delta(x: Tensor, mods: tuple[LoraLinear, ...]) -> Tensor:
     if m0.cast_once == len(mods) and not torch.is_grad_enabled():
         return F.linear(F.linear(x, m0.op_A), m0.op_B)
     A, B = group_operands(mods, x.dtype)
-    r = m0.lora_A.shape[0]
-    pad = -r % RANK_ALIGN
     drop = m0.training and m0.dropout > 0
     if drop and len(mods) > 1:
         xs = torch.stack([F.dropout(x, m0.dropout, True) for _ in mods]).flatten(1, -2)  # [n, N, in]
-        h = torch.bmm(xs, A.view(len(mods), r + pad, -1).transpose(1, 2))  # [n, N, rp]
+        h = torch.bmm(xs, A.view(len(mods), -1, A.shape[1]).transpose(1, 2))  # [n, N, rp]
         h = h.transpose(0, 1).reshape(*x.shape[:-1], -1)  # [..., n * rp], module-major like A's rows
     else:
         h = F.linear(F.dropout(x, m0.dropout, True) if drop else x, A)
