@@ -1,5 +1,5 @@
 """Seconds and peak memory per stage of one CODE edit with the `qwen2.5-7b-instruct` preset on a random-init
-Qwen2.5-7B (one H100): an upper bound, since random weights never emit a stop token and every sample runs to
+Qwen2.5-7B (one GPU): an upper bound, since random weights never emit a stop token and every sample runs to
 its length limit, every candidate is "valid" and scored, and SFT never stops early.
 
 One MQuAKE-hard case = 4 edits. Prompt lengths are those of case 8772's real prompts (measured with the
@@ -7,7 +7,8 @@ SmolLM2 tokenizer, an English BPE like Qwen's): open-book 640, reward prompt 52,
 45 / teacher 522 (internalize pool means), 99 evaluation probes of 180 tokens on average (25-377).
 Stages that repeat identical work are timed on a part and scaled (printed as "scaled"): bootstrap sampling
 and reward scoring on 1 of the 4 edits (x4), SFT on one epoch of the 125 (x125), internalize on 3 of the 35
-steps (x35). Evaluation runs whole. Results are appended stage by stage to --out, and a rerun skips the
+steps (x35). Evaluation runs whole. On a GPU, SFT is timed a second time without activation checkpointing
+(the preset turns it on to fit an 80 GB card); that row is not in the total. Results are appended stage by stage to --out, and a rerun skips the
 stages already there (a device call may end between stages).
 
 GPU:  cd bench && PYTHONPATH=.. python edit_7b.py --out /tmp/edit_7b.json
@@ -99,15 +100,19 @@ def main():
             sec, peak, _ = timed(lambda: span_mean_logprobs(model, seqs, pos))
         record("bootstrap_reward", seconds_per_edit=sec, seconds_per_case=EDITS * sec, peak_gib=peak,
                sequences=n_samples, tokens=sum(map(len, seqs)), scaled=f"x{EDITS} edits")
-    if "sft" not in done:  # replicas x edits examples, completions to the length limit, one epoch
-        examples = [(toks(SFT_PROMPT, rng), toks(budget + 12, rng)) for _ in range(b.replica_times * EDITS)]
+    # SFT: replicas x edits examples, completions to the length limit, one epoch; the preset's activation
+    # checkpointing first, then (GPU only, not in the total) without it, where the memory allows
+    examples = [(toks(SFT_PROMPT, rng), toks(budget + 12, rng)) for _ in range(b.replica_times * EDITS)]
+    for stage, ckpt in (("sft", cfg.model.grad_checkpointing), ("sft_without_checkpointing", False)):
+        if stage in done or (stage != "sft" and (ckpt == cfg.model.grad_checkpointing or args.small)):
+            continue
         scfg = SFTConfig(lr=b.learning_rate, epochs=1, batch_size=b.batch_size * b.grad_accum, stop_loss=None,
-                         max_length=b.sft_max_length, grad_checkpointing=cfg.model.grad_checkpointing)
+                         max_length=b.sft_max_length, grad_checkpointing=ckpt)
         sft(model, examples[:b.batch_size], lora_parameters(model), scfg)  # warm-up
         sec, peak, out = timed(lambda: sft(model, examples, lora_parameters(model), scfg))
-        record("sft", seconds_per_epoch=sec, seconds_per_case=b.epochs * sec, steps_per_epoch=out["steps"],
-               peak_gib=peak, examples=len(examples), grad_checkpointing=cfg.model.grad_checkpointing,
-               scaled=f"x{b.epochs} epochs (no early stop)")
+        record(stage, seconds_per_epoch=sec, seconds_per_case=b.epochs * sec, steps_per_epoch=out["steps"],
+               peak_gib=peak, examples=len(examples), grad_checkpointing=ckpt, graphs=out["graphs"],
+               scaled=f"x{b.epochs} epochs (no early stop)", in_total=stage == "sft")
     if "internalize" not in done:
         steps = max_steps(EDITS, base=it.max_steps_base, per_extra_edit=it.max_steps_per_extra_edit)
         dcfg = distill_config(cfg, steps)
@@ -129,7 +134,7 @@ def main():
         sec, peak, comps = timed(lambda: gen(cfg.eval.max_new_tokens))
         record("eval", seconds_per_case=sec, peak_gib=peak, probes=PROBES,
                new_tokens=sum(len(c.tokens) for c in comps), note="LoRA attached (unmerged), as the editor evaluates")
-    total = sum(v["seconds_per_case"] for v in done.values())
+    total = sum(v["seconds_per_case"] for v in done.values() if v.get("in_total", True))
     print(f"total per case (4 edits): {total:.0f} s = {total / 60:.1f} min; per edit {total / EDITS:.0f} s")
 
 
