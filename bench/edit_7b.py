@@ -6,10 +6,12 @@ One MQuAKE-hard case = 4 edits. Prompt lengths are those of case 8772's real pro
 SmolLM2 tokenizer, an English BPE like Qwen's): open-book 640, reward prompt 52, SFT prompt 157, student
 45 / teacher 522 (internalize pool means), 99 evaluation probes of 180 tokens on average (25-377).
 Stages that repeat identical work are timed on a part and scaled (printed as "scaled"): bootstrap sampling
-and reward scoring on 1 of the 4 edits (x4), SFT on one epoch of the 125 (x125), internalize on 3 of the 35
-steps (x35). Evaluation runs whole. On a GPU, SFT is timed a second time without activation checkpointing
-(the preset turns it on to fit an 80 GB card); that row is not in the total. Results are appended stage by stage to --out, and a rerun skips the
-stages already there (a device call may end between stages).
+and reward scoring on 1 of the 4 edits (x4), internalize on 3 of the 35 steps (x35), SFT from two calls of 1
+and 2 epochs (one call of 125 epochs = the first + 124 x their difference: graph captures and compiling
+happen once per call, so a 1-epoch call alone would overstate an epoch). Evaluation runs whole. On a GPU,
+SFT is timed a second time without activation checkpointing (the preset turns it on to fit an 80 GB card);
+that row is not in the total. Each stage is printed against its floor (`floors`). Results are appended
+stage by stage to --out, and a rerun skips the stages already there (a device call may end between stages).
 
 GPU:  cd bench && PYTHONPATH=.. python edit_7b.py --out /tmp/edit_7b.json
 """
@@ -23,9 +25,11 @@ import time
 
 import torch
 
-from common import QWEN25_7B, random_model
+from common import QWEN25_7B, matmul_params, measure_bandwidth, measure_matmul_flops, random_model
+from rollout import floor_seconds
+from train_step import train_flops
 from code_edit.bootstrap import span_mean_logprobs
-from code_edit.config import load_hparams
+from code_edit.config import CausalEditConfig, load_hparams
 from code_edit.internalize import distill_config, max_steps
 from model.generate import generate, release
 from model.lora import LoraConfig, add_lora, disabled, lora_parameters
@@ -54,6 +58,28 @@ def timed(fn) -> tuple[float, float | None, object]:
     return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30 if cuda else None, out
 
 
+def floors(model, cfg: CausalEditConfig, *, n_samples: int, budget: int, bw: float, flops: float) -> dict[str, float]:
+    """Seconds per case (4 edits) each stage would take at the measured ceilings, for the work this script
+    times: decoding as rollout.floor_seconds (weights and KV read once per step, or 2 flops per parameter
+    per token, whichever is larger); forwards at 2 flops per matmul parameter per token (reward scoring
+    reads logits at 10 positions only, so without the lm_head); LoRA training as train_step.train_flops."""
+    mc, it, r = model.config, cfg.internalize, cfg.lora.rank
+    body = matmul_params(model) - mc.vocab_size * mc.hidden_size  # the lm_head apart
+    sft_row = train_flops(mc, r, 1, min(SFT_PROMPT + budget + 12, cfg.bootstrap.sft_max_length) - 1)
+    rows = it.prompts_per_step * it.rollouts_per_prompt
+    steps = max_steps(EDITS, base=it.max_steps_base, per_extra_edit=it.max_steps_per_extra_edit)
+    distill = (floor_seconds(model, it.prompts_per_step, it.rollouts_per_prompt, STUDENT, it.max_completion_length,
+                             bw, flops)
+               + rows * 2 * matmul_params(model) * (TEACHER + it.max_completion_length - 1) / flops
+               + rows * train_flops(mc, r, 1, STUDENT + it.max_completion_length - 1) / flops)
+    mean_probe = (PROBE_MIN + PROBE_MAX) / 2
+    return {"bootstrap_sampling": EDITS * floor_seconds(model, 1, n_samples, OPEN_BOOK, budget, bw, flops),
+            "bootstrap_reward": EDITS * n_samples * 2 * body * (REWARD + budget + 12) / flops,
+            "sft": cfg.bootstrap.epochs * cfg.bootstrap.replica_times * EDITS * sft_row / flops,
+            "internalize": steps * distill,
+            "eval": floor_seconds(model, PROBES, 1, int(mean_probe), cfg.eval.max_new_tokens, bw, flops)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="edit_7b.json")
@@ -75,14 +101,16 @@ def main():
     if args.small:
         from train_step import SMALL, build
         model = build(dict(SMALL, vocab_size=152064), torch.device("cpu"), None).float()
+        bw, flops = 20e9, 1e11  # nominal: a CPU run only smoke-tests the script
     else:
         model = random_model(QWEN25_7B)
+        bw, flops = measure_bandwidth(), measure_matmul_flops()
     print(f"model built in {time.perf_counter() - t:.1f} s; device "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; torch {torch.__version__}", flush=True)
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; torch {torch.__version__}; "
+          f"copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
     add_lora(model, LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout))
     n_samples = b.replica_times * b.num_samples
     budget = min(b.max_new_tokens, cfg.model.max_seq_len - OPEN_BOOK)
-
     if "bootstrap_sampling" not in done:  # one edit's open-book candidates, base model (LoRA off)
         prompt = toks(OPEN_BOOK, rng)
         with disabled(model):
@@ -100,19 +128,22 @@ def main():
             sec, peak, _ = timed(lambda: span_mean_logprobs(model, seqs, pos))
         record("bootstrap_reward", seconds_per_edit=sec, seconds_per_case=EDITS * sec, peak_gib=peak,
                sequences=n_samples, tokens=sum(map(len, seqs)), scaled=f"x{EDITS} edits")
-    # SFT: replicas x edits examples, completions to the length limit, one epoch; the preset's activation
-    # checkpointing first, then (GPU only, not in the total) without it, where the memory allows
+    # SFT: replicas x edits examples, completions to the length limit; the preset's activation checkpointing
+    # first, then (GPU only, not in the total) without it
     examples = [(toks(SFT_PROMPT, rng), toks(budget + 12, rng)) for _ in range(b.replica_times * EDITS)]
     for stage, ckpt in (("sft", cfg.model.grad_checkpointing), ("sft_without_checkpointing", False)):
         if stage in done or (stage != "sft" and (ckpt == cfg.model.grad_checkpointing or args.small)):
             continue
-        scfg = SFTConfig(lr=b.learning_rate, epochs=1, batch_size=b.batch_size * b.grad_accum, stop_loss=None,
-                         max_length=b.sft_max_length, grad_checkpointing=ckpt)
-        sft(model, examples[:b.batch_size], lora_parameters(model), scfg)  # warm-up
-        sec, peak, out = timed(lambda: sft(model, examples, lora_parameters(model), scfg))
-        record(stage, seconds_per_epoch=sec, seconds_per_case=b.epochs * sec, steps_per_epoch=out["steps"],
-               peak_gib=peak, examples=len(examples), grad_checkpointing=ckpt, graphs=out["graphs"],
-               scaled=f"x{b.epochs} epochs (no early stop)", in_total=stage == "sft")
+        run = lambda n: sft(model, examples, lora_parameters(model), SFTConfig(  # noqa: E731
+            lr=b.learning_rate, epochs=n, batch_size=b.batch_size * b.grad_accum, stop_loss=None,
+            max_length=b.sft_max_length, grad_checkpointing=ckpt))
+        run(1)  # warm-up: compiles every shape
+        one, _, out = timed(lambda: run(1))
+        two, peak, _ = timed(lambda: run(2))
+        record(stage, seconds_first_epoch=one, seconds_per_epoch=two - one,
+               seconds_per_case=one + (b.epochs - 1) * (two - one), steps_per_epoch=out["steps"], peak_gib=peak,
+               examples=len(examples), grad_checkpointing=ckpt, graphs=out["graphs"],
+               scaled=f"1 epoch + {b.epochs - 1} x (2 epochs - 1 epoch), no early stop", in_total=stage == "sft")
     if "internalize" not in done:
         steps = max_steps(EDITS, base=it.max_steps_base, per_extra_edit=it.max_steps_per_extra_edit)
         dcfg = distill_config(cfg, steps)
@@ -134,8 +165,15 @@ def main():
         sec, peak, comps = timed(lambda: gen(cfg.eval.max_new_tokens))
         record("eval", seconds_per_case=sec, peak_gib=peak, probes=PROBES,
                new_tokens=sum(len(c.tokens) for c in comps), note="LoRA attached (unmerged), as the editor evaluates")
+    floor = floors(model, cfg, n_samples=n_samples, budget=budget, bw=bw, flops=flops)
+    print(f"{'stage':28s} {'s / case':>9s} {'floor s':>8s} {'of floor':>8s}")
+    for stage, v in done.items():
+        f = floor.get(stage.replace("_without_checkpointing", ""))
+        print(f"{stage:28s} {v['seconds_per_case']:9.1f} {f:8.1f} {f / v['seconds_per_case']:8.0%}"
+              + ("" if v.get("in_total", True) else "  (not in the total)"))
     total = sum(v["seconds_per_case"] for v in done.values() if v.get("in_total", True))
-    print(f"total per case (4 edits): {total:.0f} s = {total / 60:.1f} min; per edit {total / EDITS:.0f} s")
+    print(f"total per case (4 edits): {total:.0f} s = {total / 60:.1f} min; per edit {total / EDITS:.0f} s; "
+          f"floor {sum(floor.values()):.0f} s per case")
 
 
 if __name__ == "__main__":
