@@ -19,10 +19,8 @@ except ImportError:
     triton = None
 
 # Tile sizes, from a sweep on an H200 (bench/runs/p9/own_kernel_sweep_s12.log, 7B and SmolLM2 heads):
-PREFIX_SLOTS = 128  # prefix slots per inner step
+PREFIX_SLOTS = 128  # prefix slots per inner step (a block no line of the tile sees is skipped, never read)
 PREFIX_LINES = 64  # query lines (rows x query heads per KV head) that share one read of the prefix
-PREFIX_STAGES = 1  # 1: a block no line of the tile sees is skipped; > 1: no skip branch, loads pipelined this deep
-PREFIX_WARPS = 4
 OWN_SLOTS = 64  # own-cache slots per inner step
 OWN_STAGES = 3  # software-pipelined loads of the own loop (next blocks in flight while one is folded)
 
@@ -63,11 +61,9 @@ if triton is not None:
     @triton.jit
     def _prefix_kernel(Q, PK, PV, Mask, Acc, Mx, Den, sq_b, sq_h, sq_g, spk_h, spk_s, spv_h, spv_s, sm_b,
                        B, L, G, R, scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       IEEE: tl.constexpr, STAGES: tl.constexpr):
+                       IEEE: tl.constexpr):
         """One KV head's shared prefix for a tile of R consecutive rows (R * G query lines in one dot, so
-        the tile reads the prefix once): the partial softmax state of every line, to Acc/Mx/Den. Slots no
-        line sees are never read; with STAGES == 1 their blocks are skipped, else every block is folded (an
-        unseen one adds exactly nothing) so that the loads pipeline."""
+        the tile reads the prefix once): the partial softmax state of every line, to Acc/Mx/Den."""
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         i = tl.arange(0, BM)
@@ -79,20 +75,11 @@ if triton is not None:
         m = tl.full([BM], float("-inf"), tl.float32)
         den = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        if STAGES == 1:
-            for start in range(0, L, BN):
-                n = start + tl.arange(0, BN)
-                vis = tl.load(Mask + r[:, None] * sm_b + n[None, :], mask=line[:, None] & (n < L)[None, :], other=0) != 0
-                seen = tl.max(vis.to(tl.int32), axis=0) > 0  # [BN]: slots some line of the tile sees
-                if tl.max(seen.to(tl.int32), axis=0) > 0:
-                    k = tl.load(PK + h * spk_h + n[:, None] * spk_s + d[None, :], mask=seen[:, None], other=0.0)
-                    v = tl.load(PV + h * spv_h + n[:, None] * spv_s + d[None, :], mask=seen[:, None], other=0.0)
-                    m, den, acc = _fold(q, k, v, vis, m, den, acc, scale, IEEE)
-        else:
-            for start in tl.range(0, L, BN, num_stages=STAGES):
-                n = start + tl.arange(0, BN)
-                vis = tl.load(Mask + r[:, None] * sm_b + n[None, :], mask=line[:, None] & (n < L)[None, :], other=0) != 0
-                seen = tl.max(vis.to(tl.int32), axis=0) > 0
+        for start in range(0, L, BN):
+            n = start + tl.arange(0, BN)
+            vis = tl.load(Mask + r[:, None] * sm_b + n[None, :], mask=line[:, None] & (n < L)[None, :], other=0) != 0
+            seen = tl.max(vis.to(tl.int32), axis=0) > 0  # [BN]: slots some line of the tile sees
+            if tl.max(seen.to(tl.int32), axis=0) > 0:
                 k = tl.load(PK + h * spk_h + n[:, None] * spk_s + d[None, :], mask=seen[:, None], other=0.0)
                 v = tl.load(PV + h * spv_h + n[:, None] * spv_s + d[None, :], mask=seen[:, None], other=0.0)
                 m, den, acc = _fold(q, k, v, vis, m, den, acc, scale, IEEE)
@@ -172,8 +159,7 @@ if triton is not None:
             _prefix_kernel[(triton.cdiv(B, R), kv)](
                 qg, pk, pv, mask, *state, qg.stride(0), qg.stride(1), qg.stride(2),
                 pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), mask.stride(0),
-                B, L, g, R, scale, D=D, BM=triton.next_power_of_2(R * g), BN=PREFIX_SLOTS, IEEE=ieee,
-                STAGES=PREFIX_STAGES, num_warps=PREFIX_WARPS)
+                B, L, g, R, scale, D=D, BM=triton.next_power_of_2(R * g), BN=PREFIX_SLOTS, IEEE=ieee, num_warps=4)
         out = torch.empty(B, kv, g, D, dtype=v.dtype, device=v.device)
         _own_kernel[(B, kv)](  # 2) each row's own slots, from the prefix's state
             qg, k, v, mask, *state, out, qg.stride(0), qg.stride(1), qg.stride(2),
