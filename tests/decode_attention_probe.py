@@ -25,12 +25,13 @@ def reference(q, k, v, mask, prefix):
 
 def kernel_errors() -> dict:
     """Max |kernel - reference| per case: strided cache views, g not a power of two, rows that see no
-    prefix or no own slot, long fully masked stretches (blocks the kernel skips), rows of one prefix tile
+    prefix or no own slot, long fully masked stretches, prefix blocks no row of a tile sees (the kernel skips them), rows of one prefix tile
     that see different slots, and more rows than one tile."""
     g_ = torch.Generator().manual_seed(0)
     out = {}
     cases = {"own only": (3, 2, 3, 64, 70, 0), "prefix": (5, 2, 7, 16, 40, 200), "one row": (1, 4, 1, 32, 129, 0),
-             "prefix, two row tiles": (30, 1, 3, 32, 20, 100)}  # 64 // 3 = 21 rows per prefix tile
+             "prefix, two row tiles": (30, 1, 3, 32, 20, 100),  # 64 // 3 = 21 rows per prefix tile
+             "two prompts' prefixes": (8, 1, 16, 16, 10, 300)}  # 4 rows per tile: blocks a tile never sees
     for name, (B, kv, g, D, S, L) in cases.items():
         q = torch.randn(B, kv, g, D, generator=g_)
         k, v = (torch.randn(B + 1, kv, S + 5, D, generator=g_)[:B, :, :S] for _ in range(2))
@@ -44,6 +45,10 @@ def kernel_errors() -> dict:
             valid[1, L:] = False  # row 1 sees no own slot ...
             valid[1, L - 1] = True
             valid[2, : L - 3] = False  # row 2: a long masked stretch, then three slots
+        if name == "two prompts' prefixes":  # generate's layout: each row sees its own prompt's part only
+            valid[:, :L] = False
+            valid[: B // 2, : L // 2] = True
+            valid[B // 2:, L // 2: L] = True
         mask = valid[:, None, None, : L + S]
         out[name] = (decode_attention(q, k, v, mask, prefix).double() - reference(q, k, v, mask, prefix)).abs().max().item()
     # The op's own write: the new token goes into slot S - 1 of a cache with spare slots beyond S.
