@@ -25,8 +25,8 @@ def reference(q, k, v, mask, prefix):
 
 def kernel_errors() -> dict:
     """Max |kernel - reference| per case: strided cache views, g not a power of two, rows that see no
-    prefix or no own slot, long fully masked stretches, prefix blocks no row of a tile sees (the kernel skips them), rows of one prefix tile
-    that see different slots, and more rows than one tile."""
+    prefix or no own slot, long fully masked stretches, prefix blocks no row of a tile sees (the kernel
+    skips them), rows of one prefix tile that see different slots, and more rows than one tile."""
     g_ = torch.Generator().manual_seed(0)
     out = {}
     cases = {"own only": (3, 2, 3, 64, 70, 0), "prefix": (5, 2, 7, 16, 40, 200), "one row": (1, 4, 1, 32, 129, 0),
