@@ -27,7 +27,8 @@ class ModelSettings:
     source: str  # hub id, local dir, .gguf path or embedded name; resolved by model.load_model
     dtype: str  # "bfloat16" | "float16" | "float32" | "auto" (the loader's default: bf16 on CUDA, fp32 on CPU)
     max_seq_len: int  # prompt + completion cap for every generation (reference: max_model_len 1536)
-    grad_checkpointing: bool  # recompute layer activations in backward (SFT and distillation): memory for time
+    grad_checkpointing: bool | str  # recompute layer activations in backward (SFT and distillation): memory for
+    # time; "auto": only where a step's activations would not fit the GPU (train/memory.py)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class CausalEditConfig:
 _CHOICES = {
     "editing_mode": ("causal", "noncausal"),
     "model.dtype": ("bfloat16", "float16", "float32", "auto"),
+    "model.grad_checkpointing": ("auto",),
     "bootstrap.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "internalize.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
     "internalize.direction": ("forward", "reverse"),
@@ -201,6 +203,21 @@ ADDED = {  # keys added since runs were first stored, at the value that is the b
     "internalize.teacher_form": "system_sheet", "internalize.teacher_articles": "own",
     "internalize.teacher_answer_line": False,
 }
+
+
+# Keys that trade memory for time and change no number: a run folder resumes across a change of them.
+EXECUTION_ONLY = ("model.grad_checkpointing",)
+
+
+def results_hparams(hparams: dict) -> dict:
+    """The hparams that decide a run's numbers, as a run folder's resume compares them: upgrade_hparams'
+    form without the EXECUTION_ONLY keys."""
+    out = upgrade_hparams(hparams)
+    for dotted in EXECUTION_ONLY:
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
 
 
 def upgrade_hparams(stored: dict) -> dict:
@@ -343,6 +360,12 @@ def _check_value(key: str, typ: Any, value: Any, origin: Path) -> Any:
     def bad(expected: str) -> HparamsError:
         return HparamsError(f"{origin}: key {key!r} must be {expected}, got {type(value).__name__} {value!r}")
 
+    if typ == bool | str:  # a switch with named settings besides on and off
+        if isinstance(value, bool):
+            return value
+        if value not in _CHOICES[key]:
+            raise bad(f"true, false or one of {_CHOICES[key]}")
+        return value
     if typ is bool:
         if not isinstance(value, bool):
             raise bad("a boolean")

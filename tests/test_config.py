@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from code_edit.config import HPARAMS_DIR, CausalEditConfig, HparamsError, load_hparams, preset_names, upgrade_hparams
+from code_edit.config import (HPARAMS_DIR, CausalEditConfig, HparamsError, load_hparams, preset_names, results_hparams,
+                              upgrade_hparams)
 
 # The reference values, typed in from docs/method.md 3.1, 3.2, 3.5, 4.1 and 8.2 (not read from our presets).
 PAPER = {
@@ -193,6 +194,8 @@ def test_unknown_key_names_key_and_file(tmp_path, body, key):
     ('editing_mode = "causual"', "editing_mode"),
     ('[internalize]\ndirection = "backward"', "internalize.direction"),
     ('[model]\ndtype = "fp8"', "model.dtype"),
+    ('[model]\ngrad_checkpointing = "sometimes"', "model.grad_checkpointing"),
+    ('[model]\ngrad_checkpointing = 1', "model.grad_checkpointing"),
     ('[bootstrap]\ntop_p = 1.5', "bootstrap.top_p"),
     ('[bootstrap]\nnum_samples = 0', "bootstrap.num_samples"),
     ('[optimizer]\nadam_beta2 = 1.0', "optimizer.adam_beta2"),  # AdamW refuses it, far later and unnamed
@@ -260,6 +263,9 @@ def test_presets_resolve_to_their_values_before_the_teacher_keys(name):
     upgraded = upgrade_hparams(before)  # what a run folder of that day resumes as
     if name == "demo":
         upgraded["internalize"]["teacher_answer_line"] = True
+    if before["model"]["grad_checkpointing"] is True:  # the 7-8B presets say "auto" now (execution only)
+        assert now["model"]["grad_checkpointing"] == "auto" and results_hparams(before) == results_hparams(now)
+        now["model"]["grad_checkpointing"] = True
     assert upgraded == now
     # the hand-made reading of the same: removed keys as they were that day, the renamed one, the added ones
     for key in ("importance_sampling", "importance_sampling_cap", "disable_dropout", "seed"):
@@ -280,6 +286,9 @@ def test_a_run_folder_from_before_the_key_changes_resumes(tmp_path):
     (d / "meta" / "run_info.json").write_text(json.dumps({"hparams": before}))
     assert choose_run_dir(tmp_path, "n1_seed70_", "x", args, now) == (d, True)
     changed = json.loads(json.dumps(now))
+    changed["model"]["grad_checkpointing"] = "auto"  # memory for time, no number changes: it resumes
+    assert choose_run_dir(tmp_path, "n1_seed70_", "x", args, changed) == (d, True)
+    assert choose_run_dir(tmp_path, "n1_seed70_", None, args, changed) == (d, True)
     changed["internalize"]["learning_rate"] = 1.0
     with pytest.raises(Exception, match="hparams differ"):
         choose_run_dir(tmp_path, "n1_seed70_", "x", args, changed)
@@ -304,3 +313,11 @@ def test_teacher_keys_are_checked(tmp_path, line):
     p.write_text(f'extends = "tiny"\n[internalize]\n{line}\n')
     with pytest.raises(HparamsError, match=line.split()[0]):
         load_hparams(p)
+
+
+def test_grad_checkpointing_takes_a_bool_or_auto(tmp_path):
+    assert load_hparams("qwen2.5-7b-instruct").model.grad_checkpointing == "auto"  # train/memory.py decides
+    assert load_hparams("llama3.1-8b-instruct").model.grad_checkpointing == "auto"
+    assert load_hparams("smollm2-135m-instruct").model.grad_checkpointing is False
+    p = write(tmp_path, 'extends = "tiny"\n[model]\ngrad_checkpointing = true\n')
+    assert load_hparams(p).model.grad_checkpointing is True

@@ -19,6 +19,7 @@ from torch import nn
 from model.generate import Completion, generate
 from model.lora import disabled, lora_modules
 from train import TrainingDiverged
+from train.memory import checkpointing
 from train.schedules import SCHEDULES, lr_factor
 from train.sft import pack
 from train.losses import DIRECTIONS, distill_loss, token_logprobs
@@ -44,7 +45,7 @@ class DistillConfig:
     repetition_window: int = 48
     repetition_threshold: float = 0.15  # a rollout whose repeated-n-gram ratio exceeds this gets weight 0
     seq_weight_temperature: float = 1.0
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | str = False  # or "auto", per micro-batch (train.memory)
     seed: int = 3407  # rollout seed of step k is seed + k unless step() is given one
     repetition_penalty: float = 1.0  # rollout sampling (the reference leaves it at 1.0)
     mask_truncated_completions: bool = False  # weight 0 for rollouts cut at max_completion_length
@@ -101,6 +102,8 @@ def _check_config(cfg: DistillConfig) -> None:
         raise ValueError("DistillConfig: warmup_steps, top_k_support and top_k must be >= 0")
     if cfg.lr_scheduler not in SCHEDULES:
         raise ValueError(f"DistillConfig.lr_scheduler must be one of {SCHEDULES}, got {cfg.lr_scheduler!r}")
+    if not isinstance(cfg.grad_checkpointing, bool) and cfg.grad_checkpointing != "auto":
+        raise ValueError(f"DistillConfig.grad_checkpointing must be true, false or 'auto', got {cfg.grad_checkpointing!r}")
 
 
 class _NoDropout(contextlib.AbstractContextManager):
@@ -158,7 +161,7 @@ class Distiller:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay,
                                      fused=self.device.type == "cuda")
-        if self.device.type == "cuda" and not cfg.grad_checkpointing:
+        if self.device.type == "cuda" and cfg.grad_checkpointing is not True:
             model.compile_blocks()  # teacher and student forwards (small models are launch-bound in eager)
         self.steps_done = 0
         self.last_rollouts: list[Completion] = []  # the previous step's rollouts (for logging)
@@ -287,10 +290,10 @@ class Distiller:
         """Forward and backward of the student per micro-batch, each scaled to the global normaliser;
         returns (loss, summed unweighted KL of kept tokens, kept tokens, largest sampler/trainer log-prob gap)."""
         cfg, model, W = self.cfg, self.model, self.model.lm_head.weight
-        model.gradient_checkpointing = cfg.grad_checkpointing
         model.train()
         loss_sum, kl_sum, kept_tokens, max_diff = 0.0, 0.0, 0.0, 0.0
         for mb, th in zip(mbs, teacher_h):
+            model.gradient_checkpointing = checkpointing(cfg.grad_checkpointing, model, mb.student_ids.numel())
             sh = self._gather(model.hidden(mb.student_ids), mb.student_pos)
             w_tok = row_w[mb.row_of_token]
             w_mb = float(w_tok.sum())

@@ -21,6 +21,7 @@ from torch import nn
 from model.cuda_graph import GraphedStep
 from model.decoder import Segments
 from train import TrainingDiverged
+from train.memory import checkpointing
 from train.schedules import lr_factor
 from train.losses import weighted_ce_at
 
@@ -43,7 +44,7 @@ class SFTConfig:
     stop_loss: float | None = 0.35  # early stop when the step loss is below this ...
     stop_consecutive: int = 2  # ... on this many consecutive steps; None disables it
     max_length: int = 1024  # prompt + completion tokens per example (see truncate_example)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | str = False  # or "auto": on only where the step would not fit (train.memory)
     seed: int = 3407  # data order and LoRA dropout masks
     cuda_graphs: bool = True  # replay each step as one CUDA graph (see use_cuda_graphs, GraphedStep)
 
@@ -144,10 +145,10 @@ def pack_stream(rows: list[tuple[list[int], list[int]]], shape: tuple[int, int, 
                   weight, n_learn, real)
 
 
-def use_cuda_graphs(device: torch.device, cfg: "SFTConfig") -> bool:
+def use_cuda_graphs(device: torch.device, cfg: "SFTConfig", checkpointing: bool) -> bool:
     """Graph replay for the step: on CUDA, without activation checkpointing (large models, whose steps are
     long kernels anyway), unless CODE_EDIT_CUDA_GRAPHS=0."""
-    return (device.type == "cuda" and cfg.cuda_graphs and not cfg.grad_checkpointing
+    return (device.type == "cuda" and cfg.cuda_graphs and not checkpointing
             and os.environ.get("CODE_EDIT_CUDA_GRAPHS", "1") != "0")
 
 
@@ -180,6 +181,8 @@ def _check(examples, params, cfg: SFTConfig, vocab: int) -> None:
     if not 0.0 <= cfg.warmup_ratio <= 1.0 or cfg.lr <= 0 or cfg.max_grad_norm <= 0:
         raise ValueError(f"SFTConfig: need 0 <= warmup_ratio <= 1, lr > 0, max_grad_norm > 0, got "
                          f"{cfg.warmup_ratio}, {cfg.lr}, {cfg.max_grad_norm}")
+    if not isinstance(cfg.grad_checkpointing, bool) and cfg.grad_checkpointing != "auto":
+        raise ValueError(f"SFTConfig.grad_checkpointing must be true, false or 'auto', got {cfg.grad_checkpointing!r}")
     if cfg.stop_loss is not None and cfg.stop_consecutive < 1:
         raise ValueError(f"SFTConfig.stop_consecutive must be >= 1, got {cfg.stop_consecutive}")
     if not params or not all(p.requires_grad for p in params):
@@ -198,7 +201,8 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     token. Returns {"steps", "final_loss", "stopped_early", "losses", "total_steps", "truncated", "seconds",
     "cuda_graph" (whether any step was replayed from a graph), "graphs" (captured, one per shape; 0 after
     a capture failure), "graphed_steps", "shapes" (distinct batch shapes run), "positions" (token positions
-    run, padding included), "padding" (the fraction of them that was padding)}.
+    run, padding included), "padding" (the fraction of them that was padding), "grad_checkpointing" (whether
+    activations were recomputed: cfg.grad_checkpointing, "auto" resolved by train.memory.checkpointing)}.
 
     Precision: the model runs in its own dtype, without autocast. On a bf16 base every matmul is bf16
     already, LoRA casts its fp32 master weights to the activation dtype itself (the rounding autocast
@@ -222,12 +226,14 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     plan = _batch_plan(rows, cfg)
-    graphs = use_cuda_graphs(device, cfg)
+    longest_step = max(sum(len(p) + len(c) - 1 for p, c in b) for _, b in plan)
+    ckpt = checkpointing(cfg.grad_checkpointing, model, longest_step + (-longest_step) % PACK_STEP)
+    graphs = use_cuda_graphs(device, cfg, ckpt)
     shapes = _step_shapes(plan) if (graphs if fixed_shapes is None else fixed_shapes) else None
     # 2) the model in training mode
     t0 = time.perf_counter()
     ckpt_before = model.gradient_checkpointing
-    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.gradient_checkpointing = ckpt
     if device.type == "cuda":  # small models are launch-bound in eager mode (BENCHMARKS "SmolLM2")
         model.compile_blocks()
     model.train()
@@ -261,7 +267,7 @@ def sft(model: nn.Module, examples: list[tuple[list[int], list[int]]], params: l
             "losses": record.losses, "total_steps": total, "truncated": truncated,
             "seconds": time.perf_counter() - t0, "cuda_graph": graphs_used[1] > 0, "graphs": graphs_used[0],
             "graphed_steps": graphs_used[1], "shapes": len(record.shapes), "positions": record.run_positions,
-            "padding": round(record.padding(), 4)}
+            "padding": round(record.padding(), 4), "grad_checkpointing": ckpt}
 
 
 def _batch_plan(rows: list[tuple[list[int], list[int]]], cfg: SFTConfig) -> list[tuple[int, list]]:
