@@ -5,7 +5,8 @@ TORCH_LOGS=recompiles to see recompiles: the script prints a marker before the t
 recompile line after it is one a real run would pay.
 
 Usage: python bench/profile_decode.py --prompts 4 --samples 64 --prompt-len 512 [--new 128] [--lora] [--layers N]
-       (the distillation step's rollouts: --smollm2 --lora --prompts 4 --samples 9 --prompt-len 128 --new 180)
+       (the distillation step's rollouts: --smollm2 --lora --prompts 4 --samples 9 --prompt-len 128 --new 180;
+       the 7B evaluation: --prompts 99 --samples 1 --prompt-len 180 --new 768 --temperature 0 --repetition-penalty 1.1 --lora)
 The attention is batched matmuls (counted under "gemm") and fused Triton parts (under "triton").
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ G = importlib.import_module("model.generate")
 
 KINDS = [  # first match wins
     ("decode attention", r"^_prefix_kernel|^_own_kernel"),
+    ("flash attention", r"flash|fmha"),  # before "gemm": flash's kernel names hold "cutlass"
     ("nucleus check", r"_mass_above"),
     ("gemm", r"gemm|cutlass|sm90|nvjet|cublas|splitK"),
     ("top-k", r"topk|radix|sort|bitonic|gatherTopK"),
@@ -49,6 +51,8 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy, as evaluation decodes")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--lora", action="store_true", help="rank-12 LoRA on all seven projections, switched on")
     ap.add_argument("--top", type=int, default=20, help="kernels listed")
     ap.add_argument("--smollm2", action="store_true", help="the embedded SmolLM2-135M instead of a random 7B")
@@ -64,8 +68,9 @@ def main():
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     prompts = [torch.randint(100, vocab - 100, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
-    run = lambda: generate(model, prompts, max_new_tokens=args.new, temperature=1.0, top_p=args.top_p,  # noqa: E731
-                           num_samples=args.samples, stop_ids=[], seed=0)
+    run = lambda: generate(model, prompts, max_new_tokens=args.new, temperature=args.temperature,  # noqa: E731
+                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_samples=args.samples,
+                           stop_ids=[], seed=0)
     t0 = time.perf_counter()
     run()
     torch.cuda.synchronize()

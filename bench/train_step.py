@@ -12,6 +12,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -143,6 +144,37 @@ def hf_step_fn(hf, ids, rank: int, dropout: float, grad_ckpt: bool):
     return step, opt, pm, sum(p.numel() for p in params)
 
 
+def profile_steps(step, flops: float, peak_flops: float, n: int = 3) -> dict[str, float]:
+    """GPU milliseconds per step by kernel kind (profile_decode.KINDS) over n steps, printed with the
+    matmul rate the GEMMs reach against the measured peak (all counted flops credited to them)."""
+    from profile_decode import kind_of
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.is_user_annotation:
+            us = ev.time_range.elapsed_us()
+            by_kind[kind_of(ev.name)] += us
+            by_name[ev.name][0] += us
+            by_name[ev.name][1] += 1
+    busy = sum(by_kind.values()) / 1e3 / n
+    print(f"\nkernels of ours (compiled blocks), GPU busy {busy:.1f} ms per step "
+          f"({sum(c for _, c in by_name.values()) / n:.0f} kernels per step):")
+    for k, us in sorted(by_kind.items(), key=lambda x: -x[1]):
+        print(f"  {k:16s} {us / 1e3 / n:8.1f} ms/step  {100 * us / 1e3 / n / busy:5.1f}%")
+    gemm_ms = by_kind.get("gemm", 0.0) / 1e3 / n
+    if gemm_ms:
+        print(f"  the step's counted flops over the GEMMs' time alone: {flops / gemm_ms * 1e3 / peak_flops:.1%} of "
+              "the measured matmul rate", flush=True)
+    for name, (us, c) in sorted(by_name.items(), key=lambda x: -x[1][0])[:15]:
+        print(f"    {us / 1e3 / n:7.2f} ms/step {c // n:5d}x  {name[:100]}")
+    return {k: us / 1e3 / n for k, us in by_kind.items()}
+
+
 def distill_bench(model, params, device, args) -> dict:
     """One Distiller.step at the preset shape: 4 prompts x 9 rollouts x 180 new tokens (no stop token,
     so every rollout runs to the limit), 2 micro-batches; student prompts of 96 tokens, teacher prompts
@@ -185,6 +217,7 @@ def main():
     ap.add_argument("--distill-steps", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-distill", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="GPU: kernels by kind over 3 compiled steps of ours")
     args = ap.parse_args()
     device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
     hf_cfg = SMALL if args.small else QWEN25_7B
@@ -222,6 +255,8 @@ def main():
         sec, peak, loss = time_steps(step, device, args.warmup, args.iters)
         rows.append({"impl": impl, "step_s": sec, "tok_s": tokens / sec, "peak_gib": peak, "lora_params": n_lora,
                      "first_loss": loss, "warmup_and_timed_s": time.perf_counter() - t0})
+        if args.profile and device.type == "cuda" and impl.endswith("compiled blocks"):
+            rows[-1]["kernels_ms_per_step"] = profile_steps(step, flops, peak_flops)
         del step, opt
     model.gradient_checkpointing = False
     model.eval()
