@@ -7,7 +7,8 @@ became counter-based (model/generate.py race_noise): only sampled values moved, 
 and the distillation losses, while every greedy and count value stayed); rewritten on 2026-12-04 when SFT
 batches became packed rows: SFT positions and padding (now 0) moved, and losses in their 6th digit
 (other matmul shapes), nothing else; rewritten later that day when a layer's adapters became grouped
-products (model/lora.py grouped_delta): two distillation losses moved in their 8th digit, nothing else)."""
+products (model/lora.py grouped_delta): two distillation losses moved in their 8th digit, nothing else;
+and when SFT's result gained "grad_checkpointing": four keys added, every value unchanged)."""
 import json
 import sys
 from pathlib import Path
