@@ -43,6 +43,18 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def kernel_times(prof) -> tuple[dict[str, list], dict[str, list]]:
+    """The profiled CUDA kernels' [microseconds, launches], by kind (KINDS) and by name."""
+    by_kind, by_name = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.is_user_annotation:
+            us = ev.time_range.elapsed_us()
+            for table, key in ((by_kind, kind_of(ev.name)), (by_name, ev.name)):
+                table[key][0] += us
+                table[key][1] += 1
+    return by_kind, by_name
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=4)
@@ -105,16 +117,10 @@ def main():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.is_user_annotation:
-            us = ev.time_range.elapsed_us()
-            by_kind[kind_of(ev.name)] += us
-            by_name[ev.name][0] += us
-            by_name[ev.name][1] += 1
-    gpu = sum(by_kind.values())
+    by_kind, by_name = kernel_times(prof)
+    gpu = sum(us for us, _ in by_kind.values())
     print(f"GPU busy {gpu / 1e3:.0f} ms of {total:.0f} ms wall ({gpu / 1e3 / args.new:.2f} ms/step)")
-    for k, us in sorted(by_kind.items(), key=lambda x: -x[1]):
+    for k, (us, _) in sorted(by_kind.items(), key=lambda x: -x[1][0]):
         print(f"  {k:16s} {us / 1e3:8.1f} ms  {100 * us / gpu:5.1f}%  {us / 1e3 / args.new:.3f} ms/step")
     print("top kernels (ms total, calls, name):")
     for name, (us, n) in sorted(by_name.items(), key=lambda x: -x[1][0])[:args.top]:

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from code_edit.bootstrap import run_sft
 from code_edit.config import load_hparams
 from model import load_model
 from model.lora import LoraConfig, add_lora, reset
-from profile_decode import kind_of
+from profile_decode import kernel_times
 
 ROWS = Path(__file__).parent / "runs" / "p10" / "sft_rows_7774.json"
 
@@ -84,13 +83,7 @@ def main():
         out = run(model, ex, cfg, 2)
         torch.cuda.synchronize()
     n = out["steps"]
-    by_kind, by_name = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.is_user_annotation:
-            us = ev.time_range.elapsed_us()
-            for table, key in ((by_kind, kind_of(ev.name)), (by_name, ev.name)):
-                table[key][0] += us
-                table[key][1] += 1
+    by_kind, by_name = kernel_times(prof)
     gpu = sum(v[0] for v in by_kind.values())
     print(f"\nuncaptured steps: {n}; GPU busy {gpu / 1e3 / n:.2f} ms/step, "
           f"{sum(v[1] for v in by_kind.values()) / n:.0f} kernels/step")
