@@ -62,7 +62,9 @@ def floors(model, cfg: CausalEditConfig, *, n_samples: int, budget: int, bw: flo
     """Seconds per case (4 edits) each stage would take at the measured ceilings, for the work this script
     times: decoding as rollout.floor_seconds (weights and KV read once per step, or 2 flops per parameter
     per token, whichever is larger); forwards at 2 flops per matmul parameter per token (reward scoring
-    reads logits at 10 positions only, so without the lm_head); LoRA training as train_step.train_flops."""
+    reads logits at 10 positions only, so without the lm_head); LoRA training as train_step.train_flops.
+    The teacher's and the student's lm_head flops are counted at every position (they run at completion
+    positions only): those floors are ~1-2% high."""
     mc, it, r = model.config, cfg.internalize, cfg.lora.rank
     body = matmul_params(model) - mc.vocab_size * mc.hidden_size  # the lm_head apart
     sft_row = train_flops(mc, r, 1, min(SFT_PROMPT + budget + 12, cfg.bootstrap.sft_max_length) - 1)
@@ -132,8 +134,8 @@ def main():
     # ("auto": train.memory decides) first, then (GPU only, not in the total) with checkpointing forced on
     examples = [(toks(SFT_PROMPT, rng), toks(budget + 12, rng)) for _ in range(b.replica_times * EDITS)]
     for stage, ckpt in (("sft", cfg.model.grad_checkpointing), ("sft_checkpointed", True)):
-        if stage in done or (stage != "sft" and (ckpt == cfg.model.grad_checkpointing or args.small)):
-            continue
+        if stage in done or (stage != "sft" and (args.small or done.get("sft", {}).get("grad_checkpointing"))):
+            continue  # the checkpointed row only where the preset's run was not checkpointed already
         run = lambda n: sft(model, examples, lora_parameters(model), SFTConfig(  # noqa: E731
             lr=b.learning_rate, epochs=n, batch_size=b.batch_size * b.grad_accum, stop_loss=None,
             max_length=b.sft_max_length, grad_checkpointing=ckpt))

@@ -205,21 +205,6 @@ ADDED = {  # keys added since runs were first stored, at the value that is the b
 }
 
 
-# Keys that trade memory for time and change no number: a run folder resumes across a change of them.
-EXECUTION_ONLY = ("model.grad_checkpointing",)
-
-
-def results_hparams(hparams: dict) -> dict:
-    """The hparams that decide a run's numbers, as a run folder's resume compares them: upgrade_hparams'
-    form without the EXECUTION_ONLY keys."""
-    out = upgrade_hparams(hparams)
-    for dotted in EXECUTION_ONLY:
-        section, key = dotted.split(".")
-        if isinstance(out.get(section), dict):
-            out[section].pop(key, None)
-    return out
-
-
 def upgrade_hparams(stored: dict) -> dict:
     """Hparams as an older run folder's meta/run_info.json stored them, in today's form, so that the folder
     still resumes: REMOVED keys dropped (none of them changed results), RENAMED ones under their new name,

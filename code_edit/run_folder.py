@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from code_edit.config import results_hparams
+from code_edit.config import upgrade_hparams
 from code_edit.data import EditRequest, batch_edit_groups, edit_requests
 from code_edit.distributed import Ranks
 from eval.files import append_jsonl, atomic_write_json, read_json, read_jsonl
@@ -122,7 +122,7 @@ def choose_run_dir(parent: Path, prefix: str, run_id: str | None, run_args: dict
                                "choose another --run_id")
             return d, False
         diff = _differences(_identity(meta[0]), _identity(run_args))
-        if results_hparams(meta[1].get("hparams") or {}) != results_hparams(hparams):
+        if upgrade_hparams(meta[1].get("hparams") or {}) != hparams:
             diff.append("hparams differ from meta/run_info.json")
         old = (meta[1].get("dataset") or {}).get("content_sha256")
         if content and old and old != content:
@@ -139,7 +139,7 @@ def choose_run_dir(parent: Path, prefix: str, run_id: str | None, run_args: dict
         if meta is None or meta[1].get("status") == "finished":
             continue
         same_data = (meta[1].get("dataset") or {}).get("content_sha256") in (None, content)
-        same_hparams = results_hparams(meta[1].get("hparams") or {}) == results_hparams(hparams)
+        same_hparams = upgrade_hparams(meta[1].get("hparams") or {}) == hparams
         if _identity(meta[0]) == _identity(run_args) and same_hparams and same_data:
             candidates.append((d.stat().st_mtime, d.name, d))
     if candidates:

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from code_edit.config import (HPARAMS_DIR, CausalEditConfig, HparamsError, load_hparams, preset_names, results_hparams,
-                              upgrade_hparams)
+from code_edit.config import HPARAMS_DIR, CausalEditConfig, HparamsError, load_hparams, preset_names, upgrade_hparams
 
 # The reference values, typed in from docs/method.md 3.1, 3.2, 3.5, 4.1 and 8.2 (not read from our presets).
 PAPER = {
@@ -263,8 +262,8 @@ def test_presets_resolve_to_their_values_before_the_teacher_keys(name):
     upgraded = upgrade_hparams(before)  # what a run folder of that day resumes as
     if name == "demo":
         upgraded["internalize"]["teacher_answer_line"] = True
-    if before["model"]["grad_checkpointing"] is True:  # the 7-8B presets say "auto" now (execution only)
-        assert now["model"]["grad_checkpointing"] == "auto" and results_hparams(before) == results_hparams(now)
+    if before["model"]["grad_checkpointing"] is True:  # the 7-8B presets say "auto" now
+        assert now["model"]["grad_checkpointing"] == "auto"
         now["model"]["grad_checkpointing"] = True
     assert upgraded == now
     # the hand-made reading of the same: removed keys as they were that day, the renamed one, the added ones
@@ -286,9 +285,6 @@ def test_a_run_folder_from_before_the_key_changes_resumes(tmp_path):
     (d / "meta" / "run_info.json").write_text(json.dumps({"hparams": before}))
     assert choose_run_dir(tmp_path, "n1_seed70_", "x", args, now) == (d, True)
     changed = json.loads(json.dumps(now))
-    changed["model"]["grad_checkpointing"] = "auto"  # memory for time, no number changes: it resumes
-    assert choose_run_dir(tmp_path, "n1_seed70_", "x", args, changed) == (d, True)
-    assert choose_run_dir(tmp_path, "n1_seed70_", None, args, changed) == (d, True)
     changed["internalize"]["learning_rate"] = 1.0
     with pytest.raises(Exception, match="hparams differ"):
         choose_run_dir(tmp_path, "n1_seed70_", "x", args, changed)

@@ -29,9 +29,10 @@ def test_activation_estimate_is_the_hand_count():
         fake_model(QWEN7B, "cpu"), 10)
 
 
-@pytest.mark.parametrize("usable_gib, want", [(65.0, True), (125.0, False)])
+@pytest.mark.parametrize("usable_gib, want", [(65.0, True), (80.0, True), (95.0, False), (125.0, False)])
 def test_auto_checkpoints_where_the_step_would_not_fit(monkeypatch, usable_gib, want):
-    """An H100's 80 GB, less the 7B weights, cannot hold the 7B SFT step; an H200's 141 GB can."""
+    """An H100's 80 GB, less the 7B weights, cannot hold the 7B SFT step; an H200's 141 GB can. At 80 GiB
+    the 76.1 GiB estimate would fit: only the margin (x 1.15 + 2 GiB = 89.5 GiB) says checkpoint."""
     monkeypatch.setattr(M, "usable_bytes", lambda device: int(usable_gib * 2**30))
     assert M.checkpointing("auto", fake_model(QWEN7B, "cuda"), 12288) is want
     assert M.checkpointing(True, fake_model(QWEN7B, "cuda"), 12288) is True  # a bool is kept
@@ -62,6 +63,21 @@ def test_sft_asks_auto_with_its_longest_step_and_obeys(monkeypatch):
         losses[answer] = out["losses"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert asked == [("auto", 1024)] * 2  # 2 rows x 11 positions, rounded up to PACK_STEP
+
+
+def test_graphs_follow_the_resolved_choice_not_the_setting(monkeypatch):
+    """CUDA graphs are off under checkpointing: sft hands use_cuda_graphs the resolved bool, never "auto"."""
+    from test_sft import COMPLETION, PROMPT, lora_model
+    import train.sft as S
+    cuda, cfg = torch.device("cuda"), SFTConfig(lr=1e-3, epochs=1, batch_size=1, grad_checkpointing="auto")
+    assert S.use_cuda_graphs(cuda, cfg, False) and not S.use_cuda_graphs(cuda, cfg, True)
+    got = []
+    real = S.use_cuda_graphs
+    monkeypatch.setattr(S, "use_cuda_graphs", lambda device, c, ckpt: got.append(ckpt) or real(device, c, ckpt))
+    monkeypatch.setattr(S, "checkpointing", lambda s, m, t: True)
+    model, params = lora_model()
+    sft(model, [(PROMPT, COMPLETION)], params, cfg)
+    assert got == [True]
 
 
 def test_bad_setting_is_named():

@@ -1,6 +1,7 @@
 """Whether a LoRA training step needs activation checkpointing: `grad_checkpointing = "auto"` compares an
 estimate of the activations one step keeps for its backward with the GPU memory this process can still use.
-Checkpointing changes no number (the recomputed forward is the same), only memory for time.
+Both ways compute the same function, but not the same bits on a GPU: a checkpointed step runs the eager
+block, an unchecked one the compiled block, whose LoRA dropout masks come from inductor's own draws.
 """
 from __future__ import annotations
 

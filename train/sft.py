@@ -145,10 +145,10 @@ def pack_stream(rows: list[tuple[list[int], list[int]]], shape: tuple[int, int, 
                   weight, n_learn, real)
 
 
-def use_cuda_graphs(device: torch.device, cfg: "SFTConfig", checkpointing: bool) -> bool:
+def use_cuda_graphs(device: torch.device, cfg: "SFTConfig", ckpt: bool) -> bool:
     """Graph replay for the step: on CUDA, without activation checkpointing (large models, whose steps are
     long kernels anyway), unless CODE_EDIT_CUDA_GRAPHS=0."""
-    return (device.type == "cuda" and cfg.cuda_graphs and not checkpointing
+    return (device.type == "cuda" and cfg.cuda_graphs and not ckpt
             and os.environ.get("CODE_EDIT_CUDA_GRAPHS", "1") != "0")
 
 
