@@ -55,6 +55,21 @@ def kernel_times(prof) -> tuple[dict[str, list], dict[str, list]]:
     return by_kind, by_name
 
 
+def report_kernels(prof, steps: int, top: int) -> dict[str, float]:
+    """Print the profiled kernels per step (`steps` of them were profiled): GPU busy time and launches, each
+    kind's ms, share and launches, and the `top` kernels by time. Returns ms per step by kind."""
+    by_kind, by_name = kernel_times(prof)
+    busy = sum(us for us, _ in by_kind.values()) / 1e3 / steps
+    print(f"GPU busy {busy:.2f} ms per step, {sum(c for _, c in by_kind.values()) / steps:.0f} kernels per step")
+    for k, (us, c) in sorted(by_kind.items(), key=lambda x: -x[1][0]):
+        print(f"  {k:16s} {us / 1e3 / steps:8.3f} ms/step  {100 * us / 1e3 / steps / busy:5.1f}%  "
+              f"{c / steps:6.0f} kernels/step")
+    print("top kernels (ms/step, kernels/step, name):")
+    for name, (us, c) in sorted(by_name.items(), key=lambda x: -x[1][0])[:top]:
+        print(f"  {us / 1e3 / steps:8.3f} {c / steps:6.0f}  {name[:110]}")
+    return {k: us / 1e3 / steps for k, (us, _) in by_kind.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=4)
@@ -117,14 +132,8 @@ def main():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    by_kind, by_name = kernel_times(prof)
-    gpu = sum(us for us, _ in by_kind.values())
-    print(f"GPU busy {gpu / 1e3:.0f} ms of {total:.0f} ms wall ({gpu / 1e3 / args.new:.2f} ms/step)")
-    for k, (us, _) in sorted(by_kind.items(), key=lambda x: -x[1][0]):
-        print(f"  {k:16s} {us / 1e3:8.1f} ms  {100 * us / gpu:5.1f}%  {us / 1e3 / args.new:.3f} ms/step")
-    print("top kernels (ms total, calls, name):")
-    for name, (us, n) in sorted(by_name.items(), key=lambda x: -x[1][0])[:args.top]:
-        print(f"  {us / 1e3:8.1f} {n:6d}  {name[:110]}")
+    print(f"wall {total:.0f} ms ({total / args.new:.2f} ms/step); the profiled call's kernels:")
+    report_kernels(prof, args.new, args.top)
 
 
 if __name__ == "__main__":

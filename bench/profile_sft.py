@@ -24,7 +24,7 @@ from code_edit.bootstrap import run_sft
 from code_edit.config import load_hparams
 from model import load_model
 from model.lora import LoraConfig, add_lora, reset
-from profile_decode import kernel_times
+from profile_decode import report_kernels
 
 ROWS = Path(__file__).parent / "runs" / "p10" / "sft_rows_7774.json"
 
@@ -82,16 +82,8 @@ def main():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = run(model, ex, cfg, 2)
         torch.cuda.synchronize()
-    n = out["steps"]
-    by_kind, by_name = kernel_times(prof)
-    gpu = sum(v[0] for v in by_kind.values())
-    print(f"\nuncaptured steps: {n}; GPU busy {gpu / 1e3 / n:.2f} ms/step, "
-          f"{sum(v[1] for v in by_kind.values()) / n:.0f} kernels/step")
-    for k, (us, c) in sorted(by_kind.items(), key=lambda x: -x[1][0]):
-        print(f"  {k:16s} {us / 1e3 / n:7.3f} ms/step  {100 * us / gpu:5.1f}%  {c / n:6.0f} kernels/step")
-    print("top kernels (ms/step, kernels/step, name):")
-    for name, (us, c) in sorted(by_name.items(), key=lambda x: -x[1][0])[:args.top]:
-        print(f"  {us / 1e3 / n:7.3f} {c / n:6.0f}  {name[:110]}")
+    print(f"\nuncaptured steps: {out['steps']}")
+    report_kernels(prof, out["steps"], args.top)
 
 
 if __name__ == "__main__":

@@ -146,26 +146,19 @@ def hf_step_fn(hf, ids, rank: int, dropout: float, grad_ckpt: bool):
 def profile_steps(step, flops: float, peak_flops: float, n: int = 3) -> dict[str, float]:
     """GPU milliseconds per step by kernel kind (profile_decode.KINDS) over n steps, printed with the
     matmul rate the GEMMs reach against the measured peak (all counted flops credited to them)."""
-    from profile_decode import kernel_times
+    from profile_decode import report_kernels
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-    by_kind, by_name = kernel_times(prof)
-    busy = sum(us for us, _ in by_kind.values()) / 1e3 / n
-    print(f"\nkernels of ours (compiled blocks), GPU busy {busy:.1f} ms per step "
-          f"({sum(c for _, c in by_name.values()) / n:.0f} kernels per step):")
-    for k, (us, _) in sorted(by_kind.items(), key=lambda x: -x[1][0]):
-        print(f"  {k:16s} {us / 1e3 / n:8.1f} ms/step  {100 * us / 1e3 / n / busy:5.1f}%")
-    gemm_ms = by_kind.get("gemm", [0.0])[0] / 1e3 / n
-    if gemm_ms:
-        print(f"  the step's counted flops over the GEMMs' time alone: {flops / gemm_ms * 1e3 / peak_flops:.1%} of "
+    print("\nkernels of ours (compiled blocks):")
+    ms = report_kernels(prof, n, 15)
+    if ms.get("gemm"):
+        print(f"the step's counted flops over the GEMMs' time alone: {flops / ms['gemm'] * 1e3 / peak_flops:.1%} of "
               "the measured matmul rate", flush=True)
-    for name, (us, c) in sorted(by_name.items(), key=lambda x: -x[1][0])[:15]:
-        print(f"    {us / 1e3 / n:7.2f} ms/step {c // n:5d}x  {name[:100]}")
-    return {k: us / 1e3 / n for k, (us, _) in by_kind.items()}
+    return ms
 
 
 def distill_bench(model, params, device, args) -> dict:

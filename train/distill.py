@@ -19,7 +19,7 @@ from torch import nn
 from model.generate import Completion, generate
 from model.lora import disabled, lora_modules
 from train import TrainingDiverged
-from train.memory import checkpointing
+from train.memory import check_setting, checkpointing
 from train.schedules import SCHEDULES, lr_factor
 from train.sft import pack
 from train.losses import DIRECTIONS, distill_loss, token_logprobs
@@ -102,8 +102,7 @@ def _check_config(cfg: DistillConfig) -> None:
         raise ValueError("DistillConfig: warmup_steps, top_k_support and top_k must be >= 0")
     if cfg.lr_scheduler not in SCHEDULES:
         raise ValueError(f"DistillConfig.lr_scheduler must be one of {SCHEDULES}, got {cfg.lr_scheduler!r}")
-    if not isinstance(cfg.grad_checkpointing, bool) and cfg.grad_checkpointing != "auto":
-        raise ValueError(f"DistillConfig.grad_checkpointing must be true, false or 'auto', got {cfg.grad_checkpointing!r}")
+    check_setting(cfg.grad_checkpointing, "DistillConfig.grad_checkpointing")
 
 
 class _NoDropout(contextlib.AbstractContextManager):

@@ -32,13 +32,18 @@ def usable_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def check_setting(setting: object, where: str = "grad_checkpointing") -> None:
+    """A clear error unless `setting` is True, False or "auto"; `where` names the field."""
+    if not isinstance(setting, bool) and setting != "auto":
+        raise ValueError(f"{where} must be true, false or 'auto', got {setting!r}")
+
+
 def checkpointing(setting: bool | str, model: nn.Module, tokens: int) -> bool:
     """The checkpointing choice for steps of up to `tokens` tokens: a bool setting is kept; "auto" is on
     only on a GPU whose usable memory is below MARGIN x activation_bytes + RESERVE (off on a CPU)."""
+    check_setting(setting)
     if isinstance(setting, bool):
         return setting
-    if setting != "auto":
-        raise ValueError(f"grad_checkpointing must be true, false or 'auto', got {setting!r}")
     device = model.lm_head.weight.device
     if device.type != "cuda":
         return False

@@ -21,7 +21,7 @@ from torch import nn
 from model.cuda_graph import GraphedStep
 from model.decoder import Segments
 from train import TrainingDiverged
-from train.memory import checkpointing
+from train.memory import check_setting, checkpointing
 from train.schedules import lr_factor
 from train.losses import weighted_ce_at
 
@@ -181,8 +181,7 @@ def _check(examples, params, cfg: SFTConfig, vocab: int) -> None:
     if not 0.0 <= cfg.warmup_ratio <= 1.0 or cfg.lr <= 0 or cfg.max_grad_norm <= 0:
         raise ValueError(f"SFTConfig: need 0 <= warmup_ratio <= 1, lr > 0, max_grad_norm > 0, got "
                          f"{cfg.warmup_ratio}, {cfg.lr}, {cfg.max_grad_norm}")
-    if not isinstance(cfg.grad_checkpointing, bool) and cfg.grad_checkpointing != "auto":
-        raise ValueError(f"SFTConfig.grad_checkpointing must be true, false or 'auto', got {cfg.grad_checkpointing!r}")
+    check_setting(cfg.grad_checkpointing, "SFTConfig.grad_checkpointing")
     if cfg.stop_loss is not None and cfg.stop_consecutive < 1:
         raise ValueError(f"SFTConfig.stop_consecutive must be >= 1, got {cfg.stop_consecutive}")
     if not params or not all(p.requires_grad for p in params):
